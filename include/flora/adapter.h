@@ -1,0 +1,61 @@
+// flora/adapter.h: one adapter's parameters (core G and factors U_n) for one weight.
+//
+// Usage:
+//   1. auto spec = flora::resolve_spec(options, {"fc", LayerKind::Linear, {512, 256}});
+//   2. flora::nn::TuckerAdapter a(spec, weight.options());   // allocates and initializes
+//   3. a->delta_weight()  -> dW [512, 256];  a->core(), a->factors() for the factorized paths.
+//
+// Parameters are registered as `core` (Full core [r_0..r_{N-1}]), `core_diagonal` (Diagonal core
+// [R]; the Identity core has none) and `factor_<n>` ([I_n, r_n], factored modes only).
+// LoRA in PEFT's layout is the same module: core = lora_A ([r, in, k...]), factor_0 = lora_B
+// ([out, r]); for Embedding, factor_0 = lora_embedding_A^T and core = lora_embedding_B^T.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <ostream>
+#include <vector>
+
+#include "flora/spec.h"
+
+namespace flora {
+namespace nn {
+
+class TuckerAdapterImpl : public torch::nn::Module {
+ public:
+  /// Allocates the parameters of `spec` with `options` (dtype/device of the base weight) and
+  /// initializes them as spec.init says.
+  explicit TuckerAdapterImpl(AdapterSpec spec, torch::TensorOptions options = {});
+
+  /// Re-draws every parameter according to spec().init.
+  void reset_parameters();
+
+  const AdapterSpec& spec() const { return spec_; }
+  /// The full core G [r_0..r_{N-1}] (expands a diagonal or identity core).
+  torch::Tensor core() const;
+  /// U_n per mode; undefined tensors for identity modes.
+  const std::vector<torch::Tensor>& factors() const { return factors_; }
+  /// The stored core parameter (undefined for an Identity core).
+  const torch::Tensor& core_parameter() const { return core_; }
+  /// dW = s * G x_0 U_0 ... in the weight's shape.
+  torch::Tensor delta_weight() const;
+
+  double scale() const { return spec_.scale; }
+  /// Runtime scale change (e.g. to sweep s, or to fade an adapter); must be finite.
+  void set_scale(double scale);
+  void set_conv_path(ConvPath path) { spec_.conv_path = path; }
+  /// Marks every parameter of this adapter trainable or frozen.
+  void set_trainable(bool trainable);
+
+  void pretty_print(std::ostream& stream) const override;
+
+ private:
+  AdapterSpec spec_;
+  torch::Tensor core_;
+  std::vector<torch::Tensor> factors_;
+};
+TORCH_MODULE(TuckerAdapter);
+
+}  // namespace nn
+}  // namespace flora

@@ -1,0 +1,70 @@
+// flora/functional.h: FLoRA's math as pure functions on tensors. No modules, no state, no I/O.
+//
+// Usage:
+//   1. dW = tucker_delta(core, factors, s)      // factors[n] undefined = identity mode n
+//   2. y  = base(x) + linear_branch(x, core, factors, s)          // never forms dW
+//      y  = conv_nd(x, W0, b, geo) + conv_branch(x, core, factors, s, geo)
+//      y  = embedding(idx, W0) + embedding_branch(idx, core, factors, s, padding_idx)
+//
+// Shapes: core G [r_0, ..., r_{N-1}]; factors[n] U_n [I_n, r_n]; dW [I_0, ..., I_{N-1}].
+// Linear [out, in]: factors {U_out, U_in}. Conv [out, in/groups, k...]: {U_out, U_in, U_k1, ...}.
+// Embedding [num, dim]: {U_num, U_dim}. A mode whose factor is undefined has r_n == I_n.
+#pragma once
+
+#include <c10/util/Optional.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace flora {
+namespace functional {
+
+using torch::Tensor;
+
+/// t x_mode u: the mode-`mode` product of t with u [I, r]; t.size(mode) must be r.
+Tensor mode_product(const Tensor& t, const Tensor& u, int64_t mode);
+
+/// The order-N super-diagonal tensor [R, ..., R] with `values` [R] on its diagonal.
+Tensor superdiagonal(const Tensor& values, int64_t order);
+
+/// dW = scale * core x_0 U_0 ... x_{N-1} U_{N-1}, contracted in the cheapest order
+/// (flora::plan_contraction). Undefined factors are identity modes.
+Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale);
+
+enum class PaddingMode { Zeros, Reflect, Replicate, Circular };
+std::string to_string(PaddingMode m);
+PaddingMode parse_padding_mode(const std::string& s);
+
+/// A convolution's geometry, everything but its weight. Lengths equal the spatial rank d.
+struct ConvGeometry {
+  std::vector<int64_t> stride;
+  std::vector<int64_t> padding;   ///< symmetric padding per spatial dim
+  std::vector<int64_t> dilation;
+  int64_t groups = 1;
+  PaddingMode padding_mode = PaddingMode::Zeros;
+  int64_t dims() const { return static_cast<int64_t>(stride.size()); }
+  /// Output spatial size for an input spatial size and kernel.
+  std::vector<int64_t> output_size(const std::vector<int64_t>& in, const std::vector<int64_t>& kernel) const;
+};
+
+/// conv{1,2,3}d(x, weight, bias) with the geometry, padding modes included (as torch.nn.ConvNd).
+Tensor conv_nd(const Tensor& x, const Tensor& weight, const Tensor& bias, const ConvGeometry& geo);
+
+/// The Linear branch s * x U_in G^T U_out^T (x [..., in] -> [..., out]); never forms [out, in].
+Tensor linear_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale);
+
+/// The factorized conv branch, equal to conv_nd(x, dW, {}, geo):
+/// grouped 1x1 (in -> groups*r_1) -> grouped core conv with kernel s*G x_2 U_2 ... carrying
+/// stride/padding/dilation (-> groups*r_0) -> grouped 1x1 (-> out). Identity modes skip a step.
+Tensor conv_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
+                   const ConvGeometry& geo);
+
+/// The Embedding branch: rows of U_num gathered for `indices`, times s * G U_dim^T.
+/// U_num's row padding_idx gets no gradient (as nn.Embedding's weight).
+Tensor embedding_branch(const Tensor& indices, const Tensor& core, const std::vector<Tensor>& factors,
+                        double scale, c10::optional<int64_t> padding_idx);
+
+}  // namespace functional
+}  // namespace flora

@@ -1,0 +1,208 @@
+// flora/spec.h: what an adapter is, before any tensor exists.
+//
+// This header has no LibTorch dependency: it is the shape algebra of FLoRA and LoRA, usable from
+// a parameter calculator as well as from the layers.
+//
+// Usage:
+//   1. Fill an AdapterOptions (method, ranks or rank, scale or alpha, special-case switches).
+//   2. resolve_spec(options, target) validates them against one weight (its shape, its layer
+//      kind, its conv groups) and returns an AdapterSpec: one rank per weight mode, which modes
+//      are identity, the effective scale, the initialization. Bad values throw flora::Error
+//      naming the layer, the value, what was expected and a hint.
+//   3. parameter_count(spec) gives the trainable parameter count; plan_contraction(spec) the
+//      cheapest order of mode products to materialize dW.
+//
+// Shape conventions (the weight's own mode order, as PyTorch stores it):
+//   Linear    [out, in]
+//   ConvNd    [out, in/groups, k_1, ..., k_d]
+//   Embedding [num_embeddings, embedding_dim]
+//   Parameter any shape [I_0, ..., I_{N-1}]
+// FLoRA: dW = s * G x_0 U_0 x_1 U_1 ... x_{N-1} U_{N-1}, G [r_0..r_{N-1}], U_n [I_n, r_n].
+// A mode marked identity has no factor; the core keeps size I_n there.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace flora {
+
+/// Every error flora throws: what, where, expected vs got, and a hint, in one line.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A bad value supplied by the caller (options, shapes, flags): the command line exits 2.
+class InvalidArgument : public Error {
+ public:
+  using Error::Error;
+};
+
+/// The adapter family. LoRA is FLoRA's special case with every mode but the first identity
+/// (see docs/DESIGN.md): one implementation, two parameterizations.
+enum class Method { Flora, Lora };
+
+/// What kind of layer owns the adapted weight; decides mode names, defaults and LoRA layout.
+enum class LayerKind { Linear, Conv, Embedding, Parameter };
+
+/// How the core tensor G is parameterized.
+enum class CoreKind {
+  Full,      ///< G is a dense trainable [r_0..r_{N-1}] tensor (FLoRA).
+  Diagonal,  ///< G is super-diagonal with R trainable values (N=2: SVD-style; N>2: CP).
+  Identity,  ///< G is the fixed super-diagonal identity (N=2: plain LoRA dW = s U_0 U_1^T).
+};
+
+/// Parameter initialization.
+enum class Init {
+  Default,    ///< Authors for FLoRA, LoraStyle for LoRA.
+  Authors,    ///< Core 0; factors Kaiming-normal a = sqrt(3), i.e. N(0, 1/(2 r_n)).
+  LoraStyle,  ///< Mode-0 factor 0; core and other factors Kaiming-uniform a = sqrt(5)
+              ///< (Embedding under LoRA: core N(0, 1), as PEFT's lora_embedding_B).
+  Orthogonal, ///< Core 0; factors with orthonormal columns.
+};
+
+/// Which forward path a convolution uses (Linear is always factorized, Embedding gathers).
+enum class ConvPath {
+  Auto,        ///< Per call, by the cost model in conv_path_costs().
+  Merged,      ///< conv(x, W0 + dW): one convolution, full weight gradient in backward.
+  Factorized,  ///< base conv + 1x1 (in->r_1) -> core conv (k, stride, ...) -> 1x1 (r_0->out).
+};
+
+std::string to_string(Method m);
+std::string to_string(LayerKind k);
+std::string to_string(CoreKind k);
+std::string to_string(Init i);
+std::string to_string(ConvPath p);
+Method parse_method(const std::string& s);
+CoreKind parse_core_kind(const std::string& s);
+Init parse_init(const std::string& s);
+ConvPath parse_conv_path(const std::string& s);
+
+/// Declares `name_` with a getter `name()` and a chainable setter `name(value)`, as TORCH_ARG.
+#define FLORA_ARG(T, name)                                  \
+ public:                                                    \
+  auto name(const T& new_##name)->decltype(*this) {         \
+    this->name##_ = new_##name;                             \
+    return *this;                                           \
+  }                                                         \
+  const T& name() const noexcept { return this->name##_; } \
+                                                            \
+ private:                                                   \
+  T name##_
+
+/// How to build one adapter. Every field has a default; resolve_spec() validates.
+struct AdapterOptions {
+  AdapterOptions() = default;
+  /// FLoRA (Tucker update) or LoRA (PEFT semantics).
+  FLORA_ARG(Method, method) = Method::Flora;
+  /// FLoRA: one rank per weight mode, in the weight's order; empty means `rank` for channel
+  /// modes and `spatial_rank` for kernel modes. Entries of identity modes are ignored.
+  FLORA_ARG(std::vector<int64_t>, ranks);
+  /// LoRA rank r; FLoRA rank of every channel mode when `ranks` is empty.
+  FLORA_ARG(int64_t, rank) = 8;
+  /// FLoRA rank of every kernel (spatial) mode of a conv when `ranks` is empty.
+  FLORA_ARG(int64_t, spatial_rank) = 2;
+  /// FLoRA scale s (replaces LoRA's alpha / r). Must be finite.
+  FLORA_ARG(double, scale) = 1.0;
+  /// LoRA alpha: scaling = alpha / r (alpha / sqrt(r) with use_rslora).
+  FLORA_ARG(double, alpha) = 8.0;
+  /// LoRA: rank-stabilized scaling alpha / sqrt(r).
+  FLORA_ARG(bool, use_rslora) = false;
+  /// FLoRA: modes with no factor (core keeps full size there). Empty, or one flag per mode.
+  FLORA_ARG(std::vector<bool>, identity_modes);
+  /// FLoRA: core parameterization (Full, Diagonal = CP, Identity = LoRA).
+  FLORA_ARG(CoreKind, core) = CoreKind::Full;
+  /// Initialization scheme.
+  FLORA_ARG(Init, init) = Init::Default;
+  /// Dropout probability on the adapter's input, in [0, 1).
+  FLORA_ARG(double, dropout) = 0.0;
+  /// Conv forward path; Auto uses the cost model.
+  FLORA_ARG(ConvPath, conv_path) = ConvPath::Auto;
+  /// Clip ranks larger than their mode to the mode size (and record a note) instead of failing.
+  FLORA_ARG(bool, clip_ranks) = false;
+};
+
+/// The weight an adapter is built for.
+struct TargetInfo {
+  /// Name for messages, e.g. "layer1.0.conv1".
+  std::string name = "<layer>";
+  LayerKind kind = LayerKind::Parameter;
+  /// The weight's shape in its own mode order (see file comment).
+  std::vector<int64_t> shape;
+  /// Conv groups (1 for everything else); shape[1] is already in/groups.
+  int64_t groups = 1;
+};
+
+/// A validated adapter: everything needed to allocate, initialize and count it.
+struct AdapterSpec {
+  Method method = Method::Flora;
+  TargetInfo target;
+  std::vector<int64_t> ranks;    ///< r_n per mode; r_n == I_n on identity modes
+  std::vector<bool> identity;    ///< per mode: no factor
+  CoreKind core = CoreKind::Full;
+  double scale = 1.0;            ///< the effective s (LoRA: alpha / r or alpha / sqrt(r))
+  double alpha = 8.0;            ///< LoRA alpha, kept for export
+  bool use_rslora = false;
+  Init init = Init::Authors;     ///< never Default once resolved
+  double dropout = 0.0;
+  ConvPath conv_path = ConvPath::Auto;
+  std::vector<std::string> notes;  ///< e.g. ranks clipped
+
+  int64_t order() const { return static_cast<int64_t>(ranks.size()); }
+  /// Shape of the stored core parameter ([R] for Diagonal, [] for Identity).
+  std::vector<int64_t> core_param_shape() const;
+  /// Shape of the full core tensor G.
+  const std::vector<int64_t>& core_shape() const { return ranks; }
+};
+
+/// Validate options against a target and resolve every default. Throws flora::Error.
+AdapterSpec resolve_spec(const AdapterOptions& options, const TargetInfo& target);
+
+/// Check that a scale is usable (finite); throws naming `where`.
+void check_scale(double scale, const std::string& where);
+
+/// Trainable parameters of the adapter: prod(r_n) (or R, or 0) + sum over factored modes I_n r_n.
+int64_t parameter_count(const AdapterSpec& spec);
+
+/// Parameters PEFT's LoRA has for this weight at rank r: r * (I_0 + prod(I_1..)).
+int64_t lora_parameter_count(const std::vector<int64_t>& shape, int64_t rank);
+
+/// The order in which to apply mode products to G to build dW with the fewest multiply-adds.
+struct ContractionPlan {
+  std::vector<int64_t> order;  ///< factored modes, first applied first
+  double macs = 0;             ///< multiply-adds of that order
+};
+/// Exact dynamic program over subsets of factored modes (N <= 20).
+ContractionPlan plan_contraction(const std::vector<int64_t>& shape,
+                                 const std::vector<int64_t>& ranks,
+                                 const std::vector<bool>& identity);
+
+/// Geometry of one conv call, enough for the cost model.
+struct ConvCostInput {
+  int64_t batch = 1;
+  int64_t in_channels = 0, out_channels = 0, groups = 1;
+  std::vector<int64_t> kernel;      ///< k_1..k_d
+  std::vector<int64_t> in_spatial;  ///< input spatial size (after padding)
+  std::vector<int64_t> out_spatial; ///< output spatial size
+  bool training = true;             ///< gradients will be computed for the adapter
+  bool input_requires_grad = true;  ///< the input gradient is needed too
+  bool dropout = false;             ///< adapter dropout is active (merged path then needs its own conv)
+};
+/// Estimated extra cost (in multiply-add equivalents) of each conv path over the frozen base.
+struct ConvPathCosts {
+  double base = 0;        ///< the frozen conv's forward (+ input gradient when training)
+  double merged = 0;      ///< extra cost of the merged-weight path
+  double factorized = 0;  ///< extra cost of the factorized path
+  ConvPath choice = ConvPath::Merged;
+};
+/// The documented cost model (docs/DESIGN.md, "Choosing a conv path").
+ConvPathCosts conv_path_costs(const AdapterSpec& spec, const ConvCostInput& in);
+
+/// "1,234,567": thousands separators, as PEFT prints counts.
+std::string format_count(int64_t n);
+/// "[512, 256, 3, 3]"
+std::string format_shape(const std::vector<int64_t>& shape);
+
+}  // namespace flora

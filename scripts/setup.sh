@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what flora needs to build and test, from Debian's archive. Idempotent and quiet when
+# everything is already there. Usage: scripts/setup.sh
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build ccache
+  libtorch-dev libopenblas0-pthread      # LibTorch 1.13 (CPU); OpenBLAS: ~30x faster GEMM than reference BLAS
+  nlohmann-json3-dev libcli11-dev        # JSON, command line
+  googletest libgtest-dev libgmock-dev libbenchmark-dev
+  python3-torch                          # tests only: independent reference values
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo_cmd[@]}" apt-get update -qq
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

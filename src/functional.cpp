@@ -1,0 +1,196 @@
+#include "flora/functional.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <sstream>
+
+#include "flora/spec.h"
+
+namespace flora {
+namespace functional {
+namespace {
+
+std::vector<int64_t> full_shape(const Tensor& core, const std::vector<Tensor>& factors) {
+  std::vector<int64_t> shape(core.sizes().begin(), core.sizes().end());
+  for (size_t n = 0; n < factors.size(); ++n)
+    if (factors[n].defined()) shape[n] = factors[n].size(0);
+  return shape;
+}
+
+void check_factors(const Tensor& core, const std::vector<Tensor>& factors, const char* where) {
+  if (static_cast<int64_t>(factors.size()) != core.dim()) {
+    std::ostringstream os;
+    os << where << ": core has order " << core.dim() << " but " << factors.size()
+       << " factors were given (hint: pass an undefined tensor for identity modes)";
+    throw InvalidArgument(os.str());
+  }
+  for (size_t n = 0; n < factors.size(); ++n) {
+    const auto& u = factors[n];
+    if (u.defined() && (u.dim() != 2 || u.size(1) != core.size(static_cast<int64_t>(n)))) {
+      std::ostringstream os;
+      os << where << ": factor " << n << " has shape " << u.sizes() << ", expected [I_" << n << ", "
+         << core.size(static_cast<int64_t>(n)) << "] to match the core " << core.sizes();
+      throw InvalidArgument(os.str());
+    }
+  }
+}
+
+// Weight of a 1x1 conv in `dims` spatial dims from a matrix [out, in].
+Tensor pointwise(const Tensor& m, int64_t dims) {
+  std::vector<int64_t> shape{m.size(0), m.size(1)};
+  shape.resize(2 + dims, 1);
+  return m.reshape(shape);
+}
+
+}  // namespace
+
+Tensor mode_product(const Tensor& t, const Tensor& u, int64_t mode) {
+  // tensordot puts u's I first; move it back to `mode`.
+  return at::tensordot(u, t, {1}, {mode}).movedim(0, mode);
+}
+
+Tensor superdiagonal(const Tensor& values, int64_t order) {
+  const int64_t R = values.size(0);
+  // Flat index of (i, i, ..., i) in an order-N [R, ..., R] tensor is i * (R^{N-1} + ... + R + 1).
+  int64_t numel = 1, step = 0;
+  for (int64_t p = 0; p < order; ++p) {
+    step += numel;
+    numel *= R;
+  }
+  Tensor flat = at::zeros({numel}, values.options());
+  flat = flat.index_put({at::arange(R, values.options().dtype(at::kLong)) * step}, values);
+  return flat.view(std::vector<int64_t>(order, R));
+}
+
+Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale) {
+  check_factors(core, factors, "tucker_delta");
+  std::vector<bool> identity(factors.size());
+  for (size_t n = 0; n < factors.size(); ++n) identity[n] = !factors[n].defined();
+  const auto plan = plan_contraction(full_shape(core, factors),
+                                     std::vector<int64_t>(core.sizes().begin(), core.sizes().end()), identity);
+  Tensor t = scale == 1.0 ? core : core * scale;  // the core is the smallest tensor: scale it there
+  for (int64_t n : plan.order) t = mode_product(t, factors[n], n);
+  return t;
+}
+
+std::string to_string(PaddingMode m) {
+  switch (m) {
+    case PaddingMode::Zeros: return "zeros";
+    case PaddingMode::Reflect: return "reflect";
+    case PaddingMode::Replicate: return "replicate";
+    case PaddingMode::Circular: return "circular";
+  }
+  return "?";
+}
+
+PaddingMode parse_padding_mode(const std::string& s) {
+  if (s == "zeros") return PaddingMode::Zeros;
+  if (s == "reflect") return PaddingMode::Reflect;
+  if (s == "replicate") return PaddingMode::Replicate;
+  if (s == "circular") return PaddingMode::Circular;
+  throw InvalidArgument("unknown padding mode '" + s + "', expected zeros, reflect, replicate or circular");
+}
+
+std::vector<int64_t> ConvGeometry::output_size(const std::vector<int64_t>& in,
+                                               const std::vector<int64_t>& kernel) const {
+  std::vector<int64_t> out(in.size());
+  for (size_t i = 0; i < in.size(); ++i)
+    out[i] = (in[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) / stride[i] + 1;
+  return out;
+}
+
+Tensor conv_nd(const Tensor& x, const Tensor& weight, const Tensor& bias, const ConvGeometry& geo) {
+  const int64_t d = geo.dims();
+  Tensor in = x;
+  std::vector<int64_t> pad = geo.padding;
+  const bool any_pad = std::any_of(pad.begin(), pad.end(), [](int64_t p) { return p != 0; });
+  if (geo.padding_mode != PaddingMode::Zeros && any_pad) {
+    // Same as torch.nn.ConvNd: pad explicitly (last dim first), then convolve unpadded.
+    std::vector<int64_t> rev;
+    for (int64_t i = d - 1; i >= 0; --i) {
+      rev.push_back(pad[i]);
+      rev.push_back(pad[i]);
+    }
+    const char* mode = geo.padding_mode == PaddingMode::Reflect     ? "reflect"
+                       : geo.padding_mode == PaddingMode::Replicate ? "replicate"
+                                                                    : "circular";
+    in = at::pad(x, rev, mode);
+    std::fill(pad.begin(), pad.end(), 0);
+  }
+  const c10::optional<Tensor> b = bias.defined() ? c10::optional<Tensor>(bias) : c10::nullopt;
+  switch (d) {
+    case 1: return at::conv1d(in, weight, b, geo.stride, pad, geo.dilation, geo.groups);
+    case 2: return at::conv2d(in, weight, b, geo.stride, pad, geo.dilation, geo.groups);
+    case 3: return at::conv3d(in, weight, b, geo.stride, pad, geo.dilation, geo.groups);
+    default: throw InvalidArgument("conv_nd: " + std::to_string(d) + " spatial dims, expected 1, 2 or 3");
+  }
+}
+
+Tensor linear_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale) {
+  check_factors(core, factors, "linear_branch");
+  if (core.dim() != 2) throw InvalidArgument("linear_branch: core must be [r_out, r_in], got " + format_shape(core.sizes().vec()));
+  // Fold the (small) core into the input side once: A = s G U_in^T [r_out, in]; then two
+  // thin matmuls per token, x A^T U_out^T, exactly as LoRA does.
+  Tensor a = scale == 1.0 ? core : core * scale;
+  if (factors[1].defined()) a = a.matmul(factors[1].t());
+  Tensor h = x.matmul(a.t());
+  if (factors[0].defined()) h = h.matmul(factors[0].t());
+  return h;
+}
+
+Tensor conv_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
+                   const ConvGeometry& geo) {
+  check_factors(core, factors, "conv_branch");
+  const int64_t d = geo.dims();
+  if (core.dim() != 2 + d)
+    throw InvalidArgument("conv_branch: core has order " + std::to_string(core.dim()) + ", expected " + std::to_string(2 + d));
+  const int64_t g = geo.groups;
+  const auto& u_out = factors[0];
+  const auto& u_in = factors[1];
+
+  // Kernel of the middle conv: s * G x_2 U_2 ... x_{N-1} U_{N-1}  -> [r_0, r_1, k...].
+  std::vector<Tensor> spatial(factors.size());
+  for (size_t n = 2; n < factors.size(); ++n) spatial[n] = factors[n];
+  Tensor kernel = tucker_delta(core, spatial, scale);
+
+  // 1) grouped 1x1: each group's in/g channels -> r_1 channels. z: [N, g*r_1, ...].
+  Tensor z = x;
+  if (u_in.defined()) {
+    Tensor w1 = pointwise(g == 1 ? u_in.t() : u_in.t().repeat({g, 1}), d);
+    ConvGeometry unit{std::vector<int64_t>(d, 1), std::vector<int64_t>(d, 0), std::vector<int64_t>(d, 1), g,
+                      PaddingMode::Zeros};
+    z = conv_nd(x, w1, {}, unit);
+  }
+  // 2) grouped core conv with the base's stride/padding/dilation (padding modes commute with the
+  //    pointwise step 1, so padding z equals padding x). With U_out, each group gets all r_0
+  //    outputs (kernel repeated); without it, the kernel's r_0 == out rows are already grouped.
+  Tensor w2 = kernel;
+  if (u_out.defined() && g > 1) {
+    std::vector<int64_t> rep(2 + d, 1);
+    rep[0] = g;
+    w2 = kernel.repeat(rep);
+  }
+  Tensor w = conv_nd(z, w2, {}, geo);
+  // 3) grouped 1x1: group gi's r_0 channels -> its out/g output channels, weights U_out rows.
+  if (u_out.defined()) {
+    ConvGeometry unit{std::vector<int64_t>(d, 1), std::vector<int64_t>(d, 0), std::vector<int64_t>(d, 1), g,
+                      PaddingMode::Zeros};
+    w = conv_nd(w, pointwise(u_out, d), {}, unit);
+  }
+  return w;
+}
+
+Tensor embedding_branch(const Tensor& indices, const Tensor& core, const std::vector<Tensor>& factors,
+                        double scale, c10::optional<int64_t> padding_idx) {
+  check_factors(core, factors, "embedding_branch");
+  if (core.dim() != 2) throw InvalidArgument("embedding_branch: core must be [r_num, r_dim], got " + format_shape(core.sizes().vec()));
+  Tensor r = scale == 1.0 ? core : core * scale;                // [r_num, r_dim]
+  if (factors[1].defined()) r = r.matmul(factors[1].t());       // [r_num, dim]
+  const int64_t pad = padding_idx.value_or(-1);
+  if (factors[0].defined()) return at::embedding(factors[0], indices, pad).matmul(r);
+  return at::embedding(r, indices, pad);  // identity num mode: r has num rows
+}
+
+}  // namespace functional
+}  // namespace flora

@@ -1,0 +1,360 @@
+// Validation, defaults, parameter counts, contraction planning and the conv cost model.
+// Torch-free on purpose: see include/flora/spec.h.
+#include "flora/spec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <sstream>
+
+namespace flora {
+namespace {
+
+int64_t product(const std::vector<int64_t>& v, size_t from = 0) {
+  int64_t p = 1;
+  for (size_t i = from; i < v.size(); ++i) p *= v[i];
+  return p;
+}
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+[[noreturn]] void fail(const TargetInfo& t, const std::string& what, const std::string& hint) {
+  std::ostringstream os;
+  os << "layer '" << t.name << "' (" << to_string(t.kind) << ", weight " << format_shape(t.shape)
+     << "): " << what;
+  if (!hint.empty()) os << " (hint: " << hint << ")";
+  throw InvalidArgument(os.str());
+}
+
+std::string mode_name(const TargetInfo& t, size_t n) {
+  switch (t.kind) {
+    case LayerKind::Linear: return n == 0 ? "out" : "in";
+    case LayerKind::Embedding: return n == 0 ? "num_embeddings" : "embedding_dim";
+    case LayerKind::Conv:
+      if (n == 0) return "out";
+      if (n == 1) return t.groups > 1 ? "in/groups" : "in";
+      return "k" + std::to_string(n - 1);
+    case LayerKind::Parameter: break;
+  }
+  return "mode " + std::to_string(n);
+}
+
+bool is_spatial_mode(const TargetInfo& t, size_t n) { return t.kind == LayerKind::Conv && n >= 2; }
+
+void validate_target(const TargetInfo& t) {
+  if (t.shape.empty()) fail(t, "a weight of order 0 (a scalar) cannot be adapted", "adapt a tensor parameter");
+  for (size_t n = 0; n < t.shape.size(); ++n)
+    if (t.shape[n] <= 0)
+      fail(t, "mode " + std::to_string(n) + " has size " + std::to_string(t.shape[n]) + ", expected > 0",
+           "empty weights have nothing to adapt");
+  switch (t.kind) {
+    case LayerKind::Linear:
+    case LayerKind::Embedding:
+      if (t.shape.size() != 2)
+        fail(t, "expected a 2-D weight, got order " + std::to_string(t.shape.size()), "");
+      break;
+    case LayerKind::Conv:
+      if (t.shape.size() < 3 || t.shape.size() > 5)
+        fail(t, "expected a conv weight [out, in/groups, k...] of order 3 to 5, got order " +
+                    std::to_string(t.shape.size()), "");
+      if (t.groups < 1 || t.shape[0] % t.groups != 0)
+        fail(t, "groups " + std::to_string(t.groups) + " do not divide out_channels " + std::to_string(t.shape[0]),
+             "out_channels and in_channels must both be multiples of groups");
+      break;
+    case LayerKind::Parameter: break;
+  }
+}
+
+}  // namespace
+
+std::string to_string(Method m) { return m == Method::Flora ? "flora" : "lora"; }
+std::string to_string(LayerKind k) {
+  switch (k) {
+    case LayerKind::Linear: return "Linear";
+    case LayerKind::Conv: return "Conv";
+    case LayerKind::Embedding: return "Embedding";
+    case LayerKind::Parameter: return "Parameter";
+  }
+  return "?";
+}
+std::string to_string(CoreKind k) {
+  switch (k) {
+    case CoreKind::Full: return "full";
+    case CoreKind::Diagonal: return "diagonal";
+    case CoreKind::Identity: return "identity";
+  }
+  return "?";
+}
+std::string to_string(Init i) {
+  switch (i) {
+    case Init::Default: return "default";
+    case Init::Authors: return "authors";
+    case Init::LoraStyle: return "lora";
+    case Init::Orthogonal: return "orthogonal";
+  }
+  return "?";
+}
+std::string to_string(ConvPath p) {
+  switch (p) {
+    case ConvPath::Auto: return "auto";
+    case ConvPath::Merged: return "merged";
+    case ConvPath::Factorized: return "factorized";
+  }
+  return "?";
+}
+
+Method parse_method(const std::string& s) {
+  const auto v = lower(s);
+  if (v == "flora") return Method::Flora;
+  if (v == "lora") return Method::Lora;
+  throw InvalidArgument("unknown adapter method '" + s + "', expected flora or lora");
+}
+CoreKind parse_core_kind(const std::string& s) {
+  const auto v = lower(s);
+  if (v == "full") return CoreKind::Full;
+  if (v == "diagonal" || v == "cp") return CoreKind::Diagonal;
+  if (v == "identity") return CoreKind::Identity;
+  throw InvalidArgument("unknown core kind '" + s + "', expected full, diagonal (cp) or identity");
+}
+Init parse_init(const std::string& s) {
+  const auto v = lower(s);
+  if (v == "default") return Init::Default;
+  if (v == "authors") return Init::Authors;
+  if (v == "lora") return Init::LoraStyle;
+  if (v == "orthogonal") return Init::Orthogonal;
+  throw InvalidArgument("unknown init '" + s + "', expected default, authors, lora or orthogonal");
+}
+ConvPath parse_conv_path(const std::string& s) {
+  const auto v = lower(s);
+  if (v == "auto") return ConvPath::Auto;
+  if (v == "merged") return ConvPath::Merged;
+  if (v == "factorized") return ConvPath::Factorized;
+  throw InvalidArgument("unknown conv path '" + s + "', expected auto, merged or factorized");
+}
+
+std::vector<int64_t> AdapterSpec::core_param_shape() const {
+  switch (core) {
+    case CoreKind::Full: return ranks;
+    case CoreKind::Diagonal: return {ranks.empty() ? 0 : ranks[0]};
+    case CoreKind::Identity: return {};
+  }
+  return ranks;
+}
+
+void check_scale(double scale, const std::string& where) {
+  if (!std::isfinite(scale)) {
+    std::ostringstream os;
+    os << where << ": scale " << scale << " is not finite, expected a finite number (hint: check alpha, rank and scale)";
+    throw InvalidArgument(os.str());
+  }
+}
+
+AdapterSpec resolve_spec(const AdapterOptions& o, const TargetInfo& t) {
+  validate_target(t);
+  const size_t N = t.shape.size();
+  AdapterSpec s;
+  s.method = o.method();
+  s.target = t;
+  s.conv_path = o.conv_path();
+  if (!(o.dropout() >= 0.0 && o.dropout() < 1.0))
+    fail(t, "dropout " + std::to_string(o.dropout()) + " is outside [0, 1)", "");
+  s.dropout = o.dropout();
+
+  if (o.method() == Method::Lora) {
+    if (!o.ranks().empty())
+      fail(t, "LoRA takes one `rank`, got per-mode ranks " + format_shape(o.ranks()), "per-mode ranks are FLoRA's");
+    if (!o.identity_modes().empty() || o.core() != CoreKind::Full)
+      fail(t, "identity modes and core kinds are FLoRA options, not LoRA's", "use method flora for special cases");
+    // PEFT layout: A [r, prod(I_1..)] (a conv with the base's kernel), B [I_0, r].
+    const int64_t max_rank = std::min(t.shape[0], product(t.shape, 1));
+    int64_t r = o.rank();
+    if (r < 1) fail(t, "LoRA rank " + std::to_string(r) + " is invalid, expected >= 1", "");
+    if (r > max_rank) {
+      if (!o.clip_ranks())
+        fail(t, "LoRA rank " + std::to_string(r) + " exceeds min(" + mode_name(t, 0) + ", fan_in) = " +
+                    std::to_string(max_rank), "a larger rank cannot raise the update's rank; lower it");
+      s.notes.push_back("rank clipped from " + std::to_string(r) + " to " + std::to_string(max_rank));
+      r = max_rank;
+    }
+    s.ranks = t.shape;
+    s.ranks[0] = r;
+    s.identity.assign(N, true);
+    s.identity[0] = false;
+    s.core = CoreKind::Full;
+    s.alpha = o.alpha();
+    s.use_rslora = o.use_rslora();
+    s.scale = o.use_rslora() ? o.alpha() / std::sqrt(static_cast<double>(r)) : o.alpha() / static_cast<double>(r);
+    check_scale(s.scale, "layer '" + t.name + "'");
+    s.init = o.init() == Init::Default ? Init::LoraStyle : o.init();
+    return s;
+  }
+
+  // FLoRA.
+  s.core = o.core();
+  if (!o.identity_modes().empty() && o.identity_modes().size() != N)
+    fail(t, "identity_modes has " + std::to_string(o.identity_modes().size()) + " entries, expected " +
+                std::to_string(N) + " (one per weight mode)", "");
+  s.identity = o.identity_modes().empty() ? std::vector<bool>(N, false) : o.identity_modes();
+  if (!o.ranks().empty() && o.ranks().size() != N)
+    fail(t, "got " + std::to_string(o.ranks().size()) + " ranks " + format_shape(o.ranks()) + ", expected " +
+                std::to_string(N) + " (one per weight mode " + format_shape(t.shape) + ")",
+         "give one rank per mode, or a single `rank` for every channel mode");
+  s.ranks.resize(N);
+  std::vector<std::string> clipped;
+  for (size_t n = 0; n < N; ++n) {
+    if (s.identity[n]) {
+      s.ranks[n] = t.shape[n];
+      continue;
+    }
+    const bool automatic = o.ranks().empty();
+    int64_t r = automatic ? (is_spatial_mode(t, n) ? o.spatial_rank() : o.rank()) : o.ranks()[n];
+    if (r < 1)
+      fail(t, "rank " + std::to_string(r) + " for mode " + std::to_string(n) + " (" + mode_name(t, n) +
+                  ") is invalid, expected >= 1", "mark the mode identity to leave it unfactored");
+    if (r > t.shape[n]) {
+      if (!automatic && !o.clip_ranks())
+        fail(t, "rank " + std::to_string(r) + " for mode " + std::to_string(n) + " (" + mode_name(t, n) +
+                    ") exceeds its size " + std::to_string(t.shape[n]),
+             "ranks are per mode and at most the mode size; enable rank clipping to clip");
+      clipped.push_back(mode_name(t, n) + " " + std::to_string(r) + "->" + std::to_string(t.shape[n]));
+      r = t.shape[n];
+    }
+    s.ranks[n] = r;
+  }
+  if (!clipped.empty()) {
+    std::string note = "ranks clipped to mode sizes:";
+    for (auto& c : clipped) note += " " + c;
+    s.notes.push_back(note);
+  }
+  if (s.core != CoreKind::Full) {
+    for (size_t n = 1; n < N; ++n)
+      if (s.ranks[n] != s.ranks[0])
+        fail(t, "a " + to_string(s.core) + " core needs equal ranks on every mode, got " + format_shape(s.ranks),
+             "CP / LoRA special cases use one rank R for all modes");
+  }
+  check_scale(o.scale(), "layer '" + t.name + "'");
+  s.scale = o.scale();
+  s.init = o.init();
+  if (s.init == Init::Default) s.init = s.core == CoreKind::Identity ? Init::LoraStyle : Init::Authors;
+  return s;
+}
+
+int64_t parameter_count(const AdapterSpec& s) {
+  int64_t n = 0;
+  switch (s.core) {
+    case CoreKind::Full: n = product(s.ranks); break;
+    case CoreKind::Diagonal: n = s.ranks.empty() ? 0 : s.ranks[0]; break;
+    case CoreKind::Identity: n = 0; break;
+  }
+  for (size_t m = 0; m < s.ranks.size(); ++m)
+    if (!s.identity[m]) n += s.target.shape[m] * s.ranks[m];
+  return n;
+}
+
+int64_t lora_parameter_count(const std::vector<int64_t>& shape, int64_t rank) {
+  if (shape.empty()) return 0;
+  return rank * (shape[0] + product(shape, 1));
+}
+
+ContractionPlan plan_contraction(const std::vector<int64_t>& shape, const std::vector<int64_t>& ranks,
+                                 const std::vector<bool>& identity) {
+  std::vector<int64_t> modes;
+  for (size_t n = 0; n < shape.size(); ++n)
+    if (!identity[n]) modes.push_back(static_cast<int64_t>(n));
+  const size_t F = modes.size();
+  if (F > 20) throw Error("plan_contraction: " + std::to_string(F) + " factored modes, at most 20 supported");
+  const size_t S = size_t{1} << F;
+  std::vector<double> best(S, std::numeric_limits<double>::infinity());
+  std::vector<int> parent(S, -1);
+  best[0] = 0;
+  for (size_t mask = 0; mask < S; ++mask) {
+    if (!std::isfinite(best[mask])) continue;
+    // Elements of the partially contracted tensor: I_n on applied modes, r_n elsewhere.
+    double elems = 1;
+    for (size_t n = 0; n < shape.size(); ++n) elems *= static_cast<double>(ranks[n]);
+    for (size_t i = 0; i < F; ++i)
+      if (mask & (size_t{1} << i)) elems = elems / static_cast<double>(ranks[modes[i]]) * shape[modes[i]];
+    for (size_t i = 0; i < F; ++i) {
+      if (mask & (size_t{1} << i)) continue;
+      const size_t next = mask | (size_t{1} << i);
+      const double cost = best[mask] + elems * static_cast<double>(shape[modes[i]]);
+      if (cost < best[next]) {
+        best[next] = cost;
+        parent[next] = static_cast<int>(i);
+      }
+    }
+  }
+  ContractionPlan plan;
+  plan.macs = best[S - 1];
+  for (size_t mask = S - 1; mask != 0;) {
+    const int i = parent[mask];
+    plan.order.push_back(modes[i]);
+    mask &= ~(size_t{1} << i);
+  }
+  std::reverse(plan.order.begin(), plan.order.end());
+  return plan;
+}
+
+ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
+  // Multiply-adds, plus memory traffic of the extra activations weighted by kMemCost
+  // (on CPU a float moved costs about as much as several multiply-adds; see docs/DESIGN.md).
+  constexpr double kMemCost = 8.0;
+  const double p_out = static_cast<double>(in.batch) * static_cast<double>(product(in.out_spatial));
+  const double p_in = static_cast<double>(in.batch) * static_cast<double>(product(in.in_spatial));
+  const double K = static_cast<double>(product(in.kernel));
+  const double cin_g = static_cast<double>(in.in_channels) / static_cast<double>(in.groups);
+  const double out = static_cast<double>(in.out_channels);
+  const double g = static_cast<double>(in.groups);
+  const double B = p_out * out * cin_g * K;
+
+  ConvPathCosts c;
+  const bool grad_in = in.training && in.input_requires_grad;
+  c.base = B * (grad_in ? 2.0 : 1.0);
+
+  const double build = plan_contraction(s.target.shape, s.ranks, s.identity).macs;
+  if (!in.training) {
+    c.merged = build + (in.dropout ? B : 0.0);
+  } else {
+    c.merged = B /*weight grad*/ + 3.0 * build;
+    if (in.dropout) c.merged += B /*second forward*/ + (grad_in ? B : 0.0);
+  }
+
+  const double r_out = static_cast<double>(s.ranks[0]);
+  const double r_in = static_cast<double>(s.ranks[1]);
+  const double s1 = s.identity[1] ? 0.0 : p_in * static_cast<double>(in.in_channels) * r_in;
+  const double s2 = p_out * g * r_out * r_in * K;
+  const double s3 = s.identity[0] ? 0.0 : p_out * out * r_out;
+  const double traffic = (s.identity[1] ? 0.0 : p_in * g * r_in) + p_out * g * r_out + p_out * out;
+  if (!in.training) {
+    c.factorized = s1 + s2 + s3 + kMemCost * traffic;
+  } else {
+    c.factorized = s1 * (grad_in ? 3.0 : 2.0) + 3.0 * s2 + 3.0 * s3 + 2.0 * kMemCost * traffic;
+  }
+  if (s.conv_path != ConvPath::Auto)
+    c.choice = s.conv_path;
+  else
+    c.choice = c.factorized < c.merged ? ConvPath::Factorized : ConvPath::Merged;
+  return c;
+}
+
+std::string format_count(int64_t n) {
+  std::string digits = std::to_string(n < 0 ? -n : n);
+  std::string out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return n < 0 ? "-" + out : out;
+}
+
+std::string format_shape(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+}  // namespace flora
