@@ -87,7 +87,28 @@ torch::Tensor TuckerAdapterImpl::core() const {
   return core_;
 }
 
-torch::Tensor TuckerAdapterImpl::delta_weight() const { return F::tucker_delta(core(), factors_, spec_.scale); }
+std::vector<std::pair<const void*, int64_t>> TuckerAdapterImpl::cache_key() const {
+  std::vector<std::pair<const void*, int64_t>> key;
+  for (const auto& p : parameters()) key.emplace_back(p.data_ptr(), static_cast<int64_t>(p._version()));
+  return key;
+}
+
+bool TuckerAdapterImpl::delta_cached() const {
+  return cache_.defined() && cache_scale_ == spec_.scale && cache_key_ == cache_key();
+}
+
+torch::Tensor TuckerAdapterImpl::delta_weight() const {
+  if (torch::GradMode::is_enabled()) {
+    cache_ = torch::Tensor();  // training: parameters are about to change
+    return F::tucker_delta(core(), factors_, spec_.scale);
+  }
+  if (!delta_cached()) {
+    cache_ = F::tucker_delta(core(), factors_, spec_.scale);
+    cache_key_ = cache_key();
+    cache_scale_ = spec_.scale;
+  }
+  return cache_;
+}
 
 void TuckerAdapterImpl::set_scale(double scale) {
   check_scale(scale, "layer '" + spec_.target.name + "'");

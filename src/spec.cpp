@@ -317,7 +317,9 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
 
   const double build = plan_contraction(s.target.shape, s.ranks, s.identity).macs;
   if (!in.training) {
-    c.merged = build + (in.dropout ? B : 0.0);
+    // Inference: dW is built once and cached (TuckerAdapter::delta_weight), so the merged path
+    // costs exactly the base conv on every later call.
+    c.merged = in.dropout ? B : 0.0;
   } else {
     c.merged = B /*weight grad*/ + 3.0 * build;
     if (in.dropout) c.merged += B /*second forward*/ + (grad_in ? B : 0.0);

@@ -1,1 +1,283 @@
+// The pure math against independent references: the mode-n product by its unfolding definition,
+// dW by an explicit einsum, every special case of FLORA.md's table by its direct formula, and the
+// factorized branches against torch's ops applied to the dense dW.
 #include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <string>
+
+#include "flora/flora.h"
+#include "helpers.h"
+
+namespace {
+
+namespace F = flora::functional;
+using flora_test::max_abs_diff;
+using torch::Tensor;
+
+const auto kF64 = torch::TensorOptions().dtype(torch::kFloat64);
+
+// dW by one einsum over all modes: "abcd,Aa,Bb,Cc,Dd->ABCD" (identity modes keep their letter).
+Tensor einsum_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale) {
+  std::string lhs, rhs;
+  std::vector<Tensor> ops{core};
+  for (size_t n = 0; n < factors.size(); ++n) {
+    const char small = static_cast<char>('a' + n), big = static_cast<char>('A' + n);
+    lhs += small;
+    if (factors[n].defined()) {
+      rhs += big;
+      ops.push_back(factors[n]);
+    } else {
+      rhs += small;
+    }
+  }
+  std::string eq = lhs;
+  for (size_t n = 0; n < factors.size(); ++n)
+    if (factors[n].defined()) eq += std::string(",") + static_cast<char>('A' + n) + static_cast<char>('a' + n);
+  eq += "->" + rhs;
+  return torch::einsum(eq, ops) * scale;
+}
+
+TEST(ModeProduct, MatchesUnfoldingDefinition) {
+  // (T x_n U)_(n) = U T_(n), with T_(n) the mode-n unfolding.
+  auto t = torch::randn({3, 4, 5}, kF64);
+  for (int64_t n = 0; n < 3; ++n) {
+    auto u = torch::randn({7, t.size(n)}, kF64);
+    auto unfold = t.movedim(n, 0).reshape({t.size(n), -1});
+    auto expected_shape = t.sizes().vec();
+    expected_shape[n] = 7;
+    auto moved = expected_shape;
+    std::swap(moved[0], moved[n]);
+    // Build the expected tensor by folding U T_(n) back.
+    std::vector<int64_t> folded_shape{7};
+    for (int64_t m = 0; m < 3; ++m)
+      if (m != n) folded_shape.push_back(t.size(m));
+    auto expected = u.matmul(unfold).reshape(folded_shape).movedim(0, n);
+    EXPECT_LT(max_abs_diff(F::mode_product(t, u, n), expected), 1e-12) << "mode " << n;
+  }
+}
+
+struct DeltaCase {
+  std::vector<int64_t> shape, ranks;
+  std::vector<bool> identity;
+};
+
+TEST(TuckerDelta, MatchesEinsumForOrdersOneToFiveWithIdentityModes) {
+  const std::vector<DeltaCase> cases = {
+      {{7}, {3}, {false}},
+      {{6, 5}, {2, 3}, {false, false}},
+      {{6, 5}, {2, 5}, {false, true}},
+      {{8, 4, 3, 3}, {3, 2, 2, 2}, {false, false, false, false}},
+      {{8, 4, 3, 3}, {3, 2, 3, 3}, {false, false, true, true}},
+      {{8, 4, 3, 3}, {8, 4, 3, 3}, {true, true, true, true}},
+      {{5, 2, 3, 2, 2}, {2, 2, 2, 1, 2}, {false, true, false, false, false}},
+  };
+  for (const auto& c : cases) {
+    auto core = torch::randn(c.ranks, kF64);
+    std::vector<Tensor> factors(c.shape.size());
+    for (size_t n = 0; n < c.shape.size(); ++n)
+      if (!c.identity[n]) factors[n] = torch::randn({c.shape[n], c.ranks[n]}, kF64);
+    auto dw = F::tucker_delta(core, factors, 0.37);
+    EXPECT_EQ(dw.sizes().vec(), c.shape);
+    EXPECT_LT(max_abs_diff(dw, einsum_delta(core, factors, 0.37)), 1e-10) << flora::format_shape(c.shape);
+  }
+}
+
+TEST(TuckerDelta, RejectsMismatchedFactors) {
+  auto core = torch::randn({2, 3});
+  EXPECT_THROW(F::tucker_delta(core, {torch::randn({4, 2})}, 1.0), flora::Error);
+  EXPECT_THROW(F::tucker_delta(core, {torch::randn({4, 2}), torch::randn({5, 2})}, 1.0), flora::Error);
+}
+
+// --- Special cases of FLORA.md's table, through the library's options, against direct formulas.
+
+flora::nn::TuckerAdapter make_adapter(const flora::AdapterOptions& o, flora::LayerKind kind, std::vector<int64_t> shape) {
+  auto spec = flora::resolve_spec(o, {"t", kind, shape, 1});
+  flora::nn::TuckerAdapter a(spec, kF64);
+  flora_test::randomize(a->parameters(), 1.0);
+  return a;
+}
+
+TEST(SpecialCases, IdentityCoreIsLoRA) {
+  auto a = make_adapter(flora::AdapterOptions().ranks({3, 3}).core(flora::CoreKind::Identity).scale(2.0),
+                        flora::LayerKind::Linear, {6, 5});
+  EXPECT_EQ(flora::nn::count_parameters(*a).trainable, 3 * 6 + 3 * 5);
+  auto& u = a->factors();
+  EXPECT_LT(max_abs_diff(a->delta_weight(), 2.0 * u[0].matmul(u[1].t())), 1e-12);
+}
+
+TEST(SpecialCases, DiagonalCoreIsSvdStyle) {
+  auto a = make_adapter(flora::AdapterOptions().ranks({3, 3}).core(flora::CoreKind::Diagonal), flora::LayerKind::Linear,
+                        {6, 5});
+  auto& u = a->factors();
+  auto l = a->core_parameter();
+  EXPECT_LT(max_abs_diff(a->delta_weight(), u[0].matmul(torch::diag(l)).matmul(u[1].t())), 1e-12);
+}
+
+TEST(SpecialCases, FullCoreIsThreeMatrixLoRA) {
+  auto a = make_adapter(flora::AdapterOptions().ranks({3, 2}).scale(0.5), flora::LayerKind::Linear, {6, 5});
+  auto& u = a->factors();
+  EXPECT_LT(max_abs_diff(a->delta_weight(), 0.5 * u[0].matmul(a->core()).matmul(u[1].t())), 1e-12);
+}
+
+TEST(SpecialCases, SuperDiagonalCoreIsCP) {
+  auto a = make_adapter(flora::AdapterOptions().ranks({4, 4, 4, 4}).core(flora::CoreKind::Diagonal),
+                        flora::LayerKind::Conv, {6, 5, 4, 4});
+  auto& u = a->factors();
+  auto l = a->core_parameter();
+  auto expected = torch::zeros({6, 5, 4, 4}, kF64);
+  for (int64_t r = 0; r < 4; ++r)
+    expected += l[r] * torch::einsum("a,b,c,d->abcd", {u[0].select(1, r), u[1].select(1, r), u[2].select(1, r), u[3].select(1, r)});
+  EXPECT_LT(max_abs_diff(a->delta_weight(), expected), 1e-12);
+  EXPECT_EQ(flora::parameter_count(a->spec()), 4 + 4 * (6 + 5 + 4 + 4));
+}
+
+TEST(SpecialCases, IdentitySpatialModesIsTucker2LoCon) {
+  auto a = make_adapter(flora::AdapterOptions().ranks({3, 2, 0, 0}).identity_modes({false, false, true, true}),
+                        flora::LayerKind::Conv, {6, 5, 3, 3});
+  auto& u = a->factors();
+  // LoCon with use_tucker: up [out, r] . mid [r, r, k, k] . down [r, in].
+  auto expected = torch::einsum("abhw,oa,cb->ochw", {a->core(), u[0], u[1]});
+  EXPECT_LT(max_abs_diff(a->delta_weight(), expected), 1e-12);
+  EXPECT_EQ(a->spec().ranks, (std::vector<int64_t>{3, 2, 3, 3}));
+}
+
+TEST(SpecialCases, LoRAMethodIsPeftConvLoRA) {
+  auto a = make_adapter(flora::AdapterOptions().method(flora::Method::Lora).rank(3).alpha(6), flora::LayerKind::Conv,
+                        {6, 5, 3, 3});
+  auto lora_a = a->core();        // [r, in, k, k]  = PEFT lora_A.weight
+  auto lora_b = a->factors()[0];  // [out, r]       = PEFT lora_B.weight[..., 0, 0]
+  EXPECT_EQ(lora_a.sizes().vec(), (std::vector<int64_t>{3, 5, 3, 3}));
+  auto expected = (lora_b.matmul(lora_a.reshape({3, -1}))).reshape({6, 5, 3, 3}) * (6.0 / 3.0);
+  EXPECT_LT(max_abs_diff(a->delta_weight(), expected), 1e-12);
+  // In-mode and spatial modes identity in FLoRA's terms give the same update.
+  auto spec = flora::resolve_spec(flora::AdapterOptions().identity_modes({false, true, true, true}).ranks({3, 0, 0, 0}).scale(2.0),
+                                  {"t", flora::LayerKind::Conv, {6, 5, 3, 3}, 1});
+  EXPECT_EQ(flora::parameter_count(spec), flora::parameter_count(a->spec()));
+}
+
+TEST(SpecialCases, RsLoRAScalesBySqrtRank) {
+  auto spec = flora::resolve_spec(flora::AdapterOptions().method(flora::Method::Lora).rank(16).alpha(8).use_rslora(true),
+                                  {"t", flora::LayerKind::Linear, {64, 64}, 1});
+  EXPECT_DOUBLE_EQ(spec.scale, 2.0);
+  spec = flora::resolve_spec(flora::AdapterOptions().method(flora::Method::Lora).rank(16).alpha(8),
+                             {"t", flora::LayerKind::Linear, {64, 64}, 1});
+  EXPECT_DOUBLE_EQ(spec.scale, 0.5);
+}
+
+// --- Initialization.
+
+TEST(Init, AuthorsDefaultIsZeroCoreAndKaimingNormalFactors) {
+  auto spec = flora::resolve_spec(flora::AdapterOptions().ranks({64, 64}), {"t", flora::LayerKind::Linear, {4096, 2048}, 1});
+  flora::nn::TuckerAdapter a(spec);
+  EXPECT_EQ(a->core().abs().max().item<double>(), 0.0);
+  // N(0, 1 / (2 r)): std = sqrt(1/128) ~ 0.0884.
+  for (int n = 0; n < 2; ++n) {
+    const double std = a->factors()[n].std().item<double>();
+    EXPECT_NEAR(std, std::sqrt(1.0 / 128.0), 0.003) << "factor " << n;
+    EXPECT_NEAR(a->factors()[n].mean().item<double>(), 0.0, 0.003);
+  }
+}
+
+TEST(Init, LoraStyleZeroesModeZeroAndKaimingUniformsTheRest) {
+  auto spec = flora::resolve_spec(flora::AdapterOptions().method(flora::Method::Lora).rank(8),
+                                  {"t", flora::LayerKind::Linear, {64, 4096}, 1});
+  flora::nn::TuckerAdapter a(spec);
+  EXPECT_EQ(a->factors()[0].abs().max().item<double>(), 0.0);  // B = 0
+  // A ~ U(-b, b), b = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + 5)): b = 1 / sqrt(fan_in).
+  const double bound = 1.0 / std::sqrt(4096.0);
+  EXPECT_LE(a->core().abs().max().item<double>(), bound);
+  EXPECT_NEAR(a->core().std().item<double>(), bound / std::sqrt(3.0), 0.05 * bound);
+}
+
+TEST(Init, EmbeddingLoraIsPeftLayoutAZeroBNormal) {
+  auto spec = flora::resolve_spec(flora::AdapterOptions().method(flora::Method::Lora).rank(8),
+                                  {"t", flora::LayerKind::Embedding, {1000, 512}, 1});
+  flora::nn::TuckerAdapter a(spec);
+  EXPECT_EQ(a->factors()[0].sizes().vec(), (std::vector<int64_t>{1000, 8}));  // lora_embedding_A^T
+  EXPECT_EQ(a->factors()[0].abs().max().item<double>(), 0.0);
+  EXPECT_NEAR(a->core().std().item<double>(), 1.0, 0.05);  // lora_embedding_B^T ~ N(0, 1)
+}
+
+TEST(Init, OrthogonalFactorsHaveOrthonormalColumns) {
+  auto spec = flora::resolve_spec(flora::AdapterOptions().ranks({4, 3}).init(flora::Init::Orthogonal),
+                                  {"t", flora::LayerKind::Linear, {10, 8}, 1});
+  flora::nn::TuckerAdapter a(spec, kF64);
+  for (int n = 0; n < 2; ++n) {
+    auto u = a->factors()[n];
+    EXPECT_LT(max_abs_diff(u.t().matmul(u), torch::eye(u.size(1), kF64)), 1e-6);  // torch's QR runs in float
+  }
+  EXPECT_EQ(a->core().abs().max().item<double>(), 0.0);
+}
+
+// --- Factorized branches against torch's ops with the dense dW.
+
+struct ConvCase {
+  std::string name;
+  std::vector<int64_t> x_shape, w_shape, ranks;
+  std::vector<bool> identity;
+  F::ConvGeometry geo;
+};
+
+TEST(ConvBranch, EqualsConvolutionWithDenseDelta) {
+  using PM = F::PaddingMode;
+  const std::vector<ConvCase> cases = {
+      {"plain", {2, 5, 7, 7}, {6, 5, 3, 3}, {3, 2, 2, 2}, {}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros}},
+      {"stride-dilation", {2, 5, 9, 8}, {6, 5, 3, 3}, {3, 2, 2, 3}, {}, {{2, 1}, {2, 1}, {2, 1}, 1, PM::Zeros}},
+      {"grouped", {2, 6, 6, 6}, {9, 2, 3, 3}, {4, 2, 2, 2}, {}, {{1, 1}, {1, 1}, {1, 1}, 3, PM::Zeros}},
+      {"depthwise", {2, 4, 6, 6}, {4, 1, 5, 5}, {3, 1, 2, 2}, {}, {{1, 1}, {2, 2}, {1, 1}, 4, PM::Zeros}},
+      {"depthwise-multiplier", {1, 3, 5, 5}, {6, 1, 3, 3}, {2, 1, 3, 3}, {}, {{1, 1}, {1, 1}, {1, 1}, 3, PM::Zeros}},
+      {"reflect", {1, 3, 6, 6}, {4, 3, 3, 3}, {2, 2, 2, 2}, {}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Reflect}},
+      {"circular", {1, 3, 6, 6}, {4, 3, 3, 3}, {2, 2, 2, 2}, {}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Circular}},
+      {"replicate-grouped", {1, 4, 6, 6}, {4, 2, 3, 3}, {2, 2, 2, 2}, {}, {{1, 1}, {1, 1}, {1, 1}, 2, PM::Replicate}},
+      {"tucker2", {2, 5, 6, 6}, {6, 5, 3, 3}, {3, 2, 3, 3}, {false, false, true, true}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros}},
+      {"lora-layout-grouped", {2, 4, 6, 6}, {6, 2, 3, 3}, {3, 2, 3, 3}, {false, true, true, true}, {{1, 1}, {1, 1}, {1, 1}, 2, PM::Zeros}},
+      {"identity-out-grouped", {2, 4, 6, 6}, {6, 2, 3, 3}, {6, 1, 2, 2}, {true, false, false, false}, {{1, 1}, {0, 0}, {1, 1}, 2, PM::Zeros}},
+      {"conv1d", {2, 3, 11}, {5, 3, 4}, {2, 2, 2}, {}, {{3}, {2}, {2}, 1, PM::Zeros}},
+      {"conv3d", {1, 2, 5, 4, 6}, {3, 2, 3, 2, 3}, {2, 2, 2, 1, 2}, {}, {{1, 2, 1}, {1, 0, 1}, {1, 1, 2}, 1, PM::Zeros}},
+  };
+  for (const auto& c : cases) {
+    std::vector<bool> identity = c.identity.empty() ? std::vector<bool>(c.w_shape.size(), false) : c.identity;
+    auto core = torch::randn(c.ranks, kF64);
+    std::vector<Tensor> factors(c.w_shape.size());
+    for (size_t n = 0; n < c.w_shape.size(); ++n)
+      if (!identity[n]) factors[n] = torch::randn({c.w_shape[n], c.ranks[n]}, kF64);
+    auto x = torch::randn(c.x_shape, kF64);
+    auto dense = F::conv_nd(x, einsum_delta(core, factors, 0.6), {}, c.geo);
+    auto branch = F::conv_branch(x, core, factors, 0.6, c.geo);
+    EXPECT_EQ(branch.sizes(), dense.sizes()) << c.name;
+    EXPECT_LT(max_abs_diff(branch, dense), 1e-10) << c.name;
+  }
+}
+
+TEST(LinearBranch, EqualsDenseMatmulAndLoRA) {
+  auto x = torch::randn({3, 4, 7}, kF64);
+  auto core = torch::randn({3, 2}, kF64);
+  std::vector<Tensor> f{torch::randn({5, 3}, kF64), torch::randn({7, 2}, kF64)};
+  EXPECT_LT(max_abs_diff(F::linear_branch(x, core, f, 1.3), x.matmul(einsum_delta(core, f, 1.3).t())), 1e-12);
+  // LoRA: in-mode identity, core = A [r, in], U_out = B [out, r]: x A^T B^T * s.
+  auto a = torch::randn({3, 7}, kF64), b = torch::randn({5, 3}, kF64);
+  EXPECT_LT(max_abs_diff(F::linear_branch(x, a, {b, Tensor()}, 0.5), x.matmul(a.t()).matmul(b.t()) * 0.5), 1e-12);
+}
+
+TEST(EmbeddingBranch, EqualsRowsOfDenseDelta) {
+  auto idx = torch::tensor({{0, 4, 2}, {4, 1, 0}}, torch::kLong);
+  auto core = torch::randn({3, 2}, kF64);
+  std::vector<Tensor> f{torch::randn({5, 3}, kF64), torch::randn({6, 2}, kF64)};
+  auto dense = einsum_delta(core, f, 0.9);
+  EXPECT_LT(max_abs_diff(F::embedding_branch(idx, core, f, 0.9, c10::nullopt), torch::embedding(dense, idx)), 1e-12);
+  // Identity num mode: the core itself holds one row per embedding.
+  auto core_rows = torch::randn({5, 2}, kF64);
+  EXPECT_LT(max_abs_diff(F::embedding_branch(idx, core_rows, {Tensor(), f[1]}, 1.0, 1),
+                         torch::embedding(core_rows.matmul(f[1].t()), idx)), 1e-12);
+}
+
+TEST(Superdiagonal, PlacesValuesOnTheDiagonal) {
+  auto v = torch::tensor({1.0, 2.0, 3.0}, kF64);
+  auto t = F::superdiagonal(v, 3);
+  EXPECT_EQ(t.sum().item<double>(), 6.0);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(t[i][i][i].item<double>(), v[i].item<double>());
+  EXPECT_LT(max_abs_diff(F::superdiagonal(v, 2), torch::diag(v)), 0.0 + 1e-15);
+}
+
+}  // namespace

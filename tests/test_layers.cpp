@@ -1,1 +1,418 @@
+// The behaviour battery: every property below runs for every row of {FLoRA, LoRA} x {Linear,
+// Conv1d, Conv2d, Conv3d, grouped Conv2d, depthwise Conv2d, Embedding, generic parameter}.
+// References are independent of the code under test: torch's own ops applied to W0 + dW, the
+// Tucker formula via explicit einsum, and central finite differences in double precision.
 #include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <memory>
+#include <numeric>
+
+#include "flora/flora.h"
+#include "helpers.h"
+
+namespace {
+
+using flora::AdapterOptions;
+using flora::ConvPath;
+using flora::Method;
+using flora::nn::AdaptableLayer;
+using flora_test::finite_difference_error;
+using flora_test::max_abs_diff;
+using flora_test::randomize;
+using torch::Tensor;
+
+// One layer kind: how to build it, feed it, and compute its output from an explicit weight.
+struct Kind {
+  std::string name;
+  std::function<std::shared_ptr<AdaptableLayer>()> make;
+  std::function<Tensor()> input;
+  std::function<Tensor(AdaptableLayer&, const Tensor&)> forward;
+  /// The base op with an explicit weight (torch's op): the reference for W0 and W0 + dW.
+  std::function<Tensor(AdaptableLayer&, const Tensor& x, const Tensor& weight)> reference;
+  std::vector<int64_t> flora_ranks;
+  bool is_conv = false;
+  /// Input for the finite-difference check (Embedding: without padding_idx, whose row of U_num
+  /// deliberately gets no gradient).
+  std::function<Tensor()> grad_input;
+};
+
+template <size_t D>
+Kind conv_kind(std::string name, torch::nn::ConvOptions<D> opt, std::vector<int64_t> in_shape,
+               std::vector<int64_t> ranks) {
+  Kind k;
+  k.name = std::move(name);
+  k.is_conv = true;
+  k.flora_ranks = std::move(ranks);
+  k.make = [opt] { return std::make_shared<flora::nn::ConvImpl<D>>(opt); };
+  k.input = [in_shape] { return torch::randn(in_shape, torch::kFloat64); };
+  k.forward = [](AdaptableLayer& l, const Tensor& x) { return static_cast<flora::nn::ConvImpl<D>&>(l).forward(x); };
+  k.reference = [opt](AdaptableLayer& l, const Tensor& x, const Tensor& w) {
+    // torch's functional conv with the module's options (padding via F::pad for other modes).
+    namespace F = torch::nn::functional;
+    auto pad = *c10::get_if<torch::ExpandingArray<D>>(&opt.padding());
+    Tensor in = x;
+    std::vector<int64_t> p((*pad).begin(), (*pad).end());
+    if (!c10::get_if<torch::enumtype::kZeros>(&opt.padding_mode())) {
+      std::vector<int64_t> rev;
+      for (int i = D - 1; i >= 0; --i) rev.insert(rev.end(), {p[i], p[i]});
+      in = F::pad(x, F::PadFuncOptions(rev).mode(torch::kReflect));
+      std::fill(p.begin(), p.end(), 0);
+    }
+    std::vector<int64_t> st((*opt.stride()).begin(), (*opt.stride()).end());
+    std::vector<int64_t> dl((*opt.dilation()).begin(), (*opt.dilation()).end());
+    return at::convolution(in, w, l.bias, st, p, dl, false, std::vector<int64_t>(D, 0), opt.groups());
+  };
+  return k;
+}
+
+std::vector<Kind> kinds() {
+  std::vector<Kind> v;
+  {
+    Kind k;
+    k.name = "Linear";
+    k.flora_ranks = {3, 2};
+    k.make = [] { return std::make_shared<flora::nn::LinearImpl>(6, 5); };
+    k.input = [] { return torch::randn({4, 6}, torch::kFloat64); };
+    k.forward = [](AdaptableLayer& l, const Tensor& x) { return static_cast<flora::nn::LinearImpl&>(l).forward(x); };
+    k.reference = [](AdaptableLayer& l, const Tensor& x, const Tensor& w) { return torch::linear(x, w, l.bias); };
+    v.push_back(k);
+  }
+  v.push_back(conv_kind<1>("Conv1d", torch::nn::Conv1dOptions(3, 4, 3).stride(2).padding(1), {2, 3, 9}, {2, 2, 2}));
+  v.push_back(conv_kind<2>("Conv2d", torch::nn::Conv2dOptions(3, 4, 3).padding(1).dilation(2), {2, 3, 6, 6}, {2, 2, 2, 2}));
+  v.push_back(conv_kind<3>("Conv3d", torch::nn::Conv3dOptions(2, 3, 2).stride({1, 2, 1}), {1, 2, 4, 5, 4}, {2, 2, 1, 2, 1}));
+  v.push_back(conv_kind<2>("GroupedConv2d", torch::nn::Conv2dOptions(4, 6, 3).groups(2).padding(1), {2, 4, 5, 5}, {2, 2, 2, 2}));
+  v.push_back(conv_kind<2>("DepthwiseConv2d",
+                           torch::nn::Conv2dOptions(4, 4, 3).groups(4).padding(1).padding_mode(torch::kReflect),
+                           {2, 4, 5, 5}, {2, 1, 2, 2}));
+  {
+    Kind k;
+    k.name = "Embedding";
+    k.flora_ranks = {3, 2};
+    k.make = [] { return std::make_shared<flora::nn::EmbeddingImpl>(torch::nn::EmbeddingOptions(7, 4).padding_idx(1)); };
+    k.input = [] { return torch::tensor({{0, 1, 6}, {3, 3, 1}}, torch::kLong); };
+    k.grad_input = [] { return torch::tensor({{0, 2, 6}, {3, 3, 5}}, torch::kLong); };
+    k.forward = [](AdaptableLayer& l, const Tensor& x) { return static_cast<flora::nn::EmbeddingImpl&>(l).forward(x); };
+    k.reference = [](AdaptableLayer&, const Tensor& x, const Tensor& w) { return torch::embedding(w, x, 1); };
+    v.push_back(k);
+  }
+  {
+    Kind k;
+    k.name = "Parameter";
+    k.flora_ranks = {2, 2, 3};
+    k.make = [] { return std::make_shared<flora::nn::ParameterAdapterImpl>(torch::randn({4, 3, 5}), "pos_embedding"); };
+    k.input = [] { return torch::randn({4, 3, 5}, torch::kFloat64); };
+    k.forward = [](AdaptableLayer& l, const Tensor& x) {
+      return x * static_cast<flora::nn::ParameterAdapterImpl&>(l).forward();
+    };
+    k.reference = [](AdaptableLayer&, const Tensor& x, const Tensor& w) { return x * w; };
+    v.push_back(k);
+  }
+  return v;
+}
+
+struct Row {
+  Kind kind;
+  Method method;
+  std::string name() const { return kind.name + (method == Method::Flora ? "_FLoRA" : "_LoRA"); }
+  AdapterOptions options() const {
+    if (method == Method::Flora) return AdapterOptions().ranks(kind.flora_ranks).scale(0.8);
+    return AdapterOptions().method(Method::Lora).rank(2).alpha(4);
+  }
+};
+
+std::vector<Row> rows() {
+  std::vector<Row> r;
+  for (auto& k : kinds())
+    for (auto m : {Method::Flora, Method::Lora}) r.push_back({k, m});
+  return r;
+}
+
+class Battery : public ::testing::TestWithParam<Row> {
+ protected:
+  void SetUp() override {
+    torch::manual_seed(7);
+    layer = GetParam().kind.make();
+    layer->to(torch::kFloat64);
+    w0 = layer->weight.detach().clone();
+    adapter = layer->add_adapter("default", GetParam().options());
+  }
+  Tensor forward(const Tensor& x) { return GetParam().kind.forward(*layer, x); }
+  Tensor reference(const Tensor& x, const Tensor& w) { return GetParam().kind.reference(*layer, x, w); }
+  std::vector<Tensor> adapter_params() { return adapter->parameters(); }
+  std::vector<ConvPath> paths() const {
+    return GetParam().kind.is_conv ? std::vector<ConvPath>{ConvPath::Merged, ConvPath::Factorized}
+                                   : std::vector<ConvPath>{ConvPath::Auto};
+  }
+
+  std::shared_ptr<AdaptableLayer> layer;
+  flora::nn::TuckerAdapter adapter{nullptr};
+  Tensor w0;
+};
+
+TEST_P(Battery, ZeroInitGivesBaseOutput) {
+  auto x = GetParam().kind.input();
+  for (auto path : paths()) {
+    adapter->set_conv_path(path);
+    EXPECT_LT(max_abs_diff(forward(x), reference(x, w0)), 1e-12) << flora::to_string(path);
+  }
+  EXPECT_LT(adapter->delta_weight().abs().max().item<double>(), 1e-15);
+}
+
+TEST_P(Battery, AdapterIsOnForwardPathAndEqualsWeightDelta) {
+  randomize(adapter_params());
+  auto x = GetParam().kind.input();
+  const auto dw = adapter->delta_weight();
+  ASSERT_GT(dw.abs().max().item<double>(), 1e-3);
+  for (auto path : paths()) {
+    adapter->set_conv_path(path);
+    auto y = forward(x);
+    EXPECT_GT(max_abs_diff(y, reference(x, w0)), 1e-3) << "adapter has no effect on " << flora::to_string(path);
+    EXPECT_LT(max_abs_diff(y, reference(x, w0 + dw)), 1e-10) << flora::to_string(path);
+  }
+  layer->set_adapters_enabled(false);
+  EXPECT_LT(max_abs_diff(forward(x), reference(x, w0)), 1e-12);
+}
+
+TEST_P(Battery, MergedEqualsUnmergedAndUnmergeRestoresExactly) {
+  randomize(adapter_params());
+  auto x = GetParam().kind.input();
+  auto y = forward(x).detach();
+  layer->merge();
+  EXPECT_TRUE(layer->merged());
+  EXPECT_LT(max_abs_diff(forward(x), y), 1e-10);
+  EXPECT_LT(max_abs_diff(layer->weight, w0 + adapter->delta_weight()), 1e-12);
+  EXPECT_THROW(layer->merge(), flora::Error);  // already merged
+  EXPECT_THROW(layer->delete_adapter("default"), flora::Error);
+  EXPECT_TRUE(layer->unmerge());
+  EXPECT_TRUE(torch::equal(layer->weight, w0)) << "unmerge must restore W0 bit for bit";
+  EXPECT_LT(max_abs_diff(forward(x), y), 1e-10);
+  EXPECT_FALSE(layer->unmerge());
+}
+
+TEST_P(Battery, OnlyAdapterParametersChangeUnderTraining) {
+  layer->train();
+  torch::optim::AdamW opt(layer->parameters(), torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+  Tensor bias0 = layer->bias.defined() ? layer->bias.detach().clone() : Tensor();
+  std::vector<Tensor> before;
+  for (auto& p : adapter_params()) before.push_back(p.detach().clone());
+  for (int step = 0; step < 3; ++step) {
+    opt.zero_grad();
+    auto x = GetParam().kind.input();
+    (forward(x) - 1.0).pow(2).mean().backward();
+    opt.step();
+  }
+  EXPECT_TRUE(torch::equal(layer->weight, w0));
+  if (bias0.defined()) EXPECT_TRUE(torch::equal(layer->bias, bias0));
+  auto after = adapter_params();
+  for (size_t i = 0; i < after.size(); ++i)
+    EXPECT_FALSE(torch::equal(after[i], before[i])) << "adapter parameter " << i << " did not train";
+  EXPECT_FALSE(layer->weight.requires_grad());
+}
+
+TEST_P(Battery, GradientsMatchFiniteDifferences) {
+  randomize(adapter_params());
+  auto x = GetParam().kind.grad_input ? GetParam().kind.grad_input() : GetParam().kind.input();
+  auto probe = torch::randn_like(reference(x, w0));
+  for (auto path : paths()) {
+    adapter->set_conv_path(path);
+    auto loss = [&] { return (forward(x) * probe).sum(); };
+    EXPECT_LT(finite_difference_error(loss, adapter_params()), 1e-6) << flora::to_string(path);
+  }
+}
+
+class ConvBattery : public Battery {};
+
+TEST_P(ConvBattery, ConvPathsAgreeOnOutputsAndGradients) {
+  randomize(adapter_params());
+  auto x = GetParam().kind.input().requires_grad_(true);
+  std::vector<Tensor> outs, grads;
+  for (auto path : {ConvPath::Merged, ConvPath::Factorized}) {
+    adapter->set_conv_path(path);
+    for (auto& p : adapter_params()) p.mutable_grad() = Tensor();
+    x.mutable_grad() = Tensor();
+    auto y = forward(x);
+    y.pow(2).sum().backward();
+    outs.push_back(y.detach());
+    std::vector<Tensor> g{x.grad().clone()};
+    for (auto& p : adapter_params()) g.push_back(p.grad().clone());
+    grads.push_back(torch::cat([&] {
+      std::vector<Tensor> flat;
+      for (auto& t : g) flat.push_back(t.reshape(-1));
+      return flat;
+    }()));
+  }
+  EXPECT_LT(max_abs_diff(outs[0], outs[1]), 1e-10);
+  EXPECT_LT(max_abs_diff(grads[0], grads[1]), 1e-9);
+}
+
+TEST_P(Battery, ParameterCountMatchesFormula) {
+  const auto& s = adapter->spec();
+  // Independent formula: FLoRA prod(r) + sum I_n r_n; LoRA r * (I_0 + prod(I_1..)) (PEFT).
+  int64_t expected = 0;
+  const auto shape = layer->weight.sizes().vec();
+  if (GetParam().method == Method::Flora) {
+    expected = std::accumulate(s.ranks.begin(), s.ranks.end(), int64_t{1}, std::multiplies<int64_t>());
+    for (size_t n = 0; n < shape.size(); ++n) expected += shape[n] * s.ranks[n];
+  } else {
+    const int64_t fan_in = std::accumulate(shape.begin() + 1, shape.end(), int64_t{1}, std::multiplies<int64_t>());
+    expected = 2 * (shape[0] + fan_in);
+  }
+  EXPECT_EQ(flora::parameter_count(s), expected);
+  EXPECT_EQ(flora::nn::count_parameters(*adapter).trainable, expected);
+  const int64_t base = layer->weight.numel() + (layer->bias.defined() ? layer->bias.numel() : 0);
+  auto summary = flora::nn::count_parameters(*layer);
+  EXPECT_EQ(summary.trainable, expected);
+  EXPECT_EQ(summary.all, base + expected);
+}
+
+TEST_P(Battery, ScaleChangeScalesTheUpdate) {
+  randomize(adapter_params());
+  auto dw = adapter->delta_weight().detach();
+  adapter->set_scale(adapter->scale() * 2.5);
+  EXPECT_LT(max_abs_diff(adapter->delta_weight(), dw * 2.5), 1e-12);
+  EXPECT_THROW(adapter->set_scale(std::numeric_limits<double>::infinity()), flora::Error);
+  EXPECT_THROW(adapter->set_scale(std::nan("")), flora::Error);
+}
+
+TEST_P(Battery, SeveralNamedAdaptersSelectDeleteAndMergeOne) {
+  randomize(adapter_params());
+  auto other = layer->add_adapter("other", GetParam().options());
+  randomize(other->parameters());
+  EXPECT_EQ(layer->active_adapter(), "other");
+  auto x = GetParam().kind.input();
+  EXPECT_LT(max_abs_diff(forward(x), reference(x, w0 + other->delta_weight())), 1e-10);
+  for (auto& p : adapter->parameters()) EXPECT_FALSE(p.requires_grad()) << "inactive adapter must be frozen";
+  layer->set_active_adapter("default");
+  EXPECT_LT(max_abs_diff(forward(x), reference(x, w0 + adapter->delta_weight())), 1e-10);
+  for (auto& p : adapter->parameters()) EXPECT_TRUE(p.requires_grad());
+  layer->merge("other");  // merged "other" plus the live "default"
+  EXPECT_LT(max_abs_diff(forward(x), reference(x, w0 + other->delta_weight() + adapter->delta_weight())), 1e-10);
+  layer->unmerge();
+  layer->delete_adapter("other");
+  EXPECT_EQ(layer->adapter_names(), std::vector<std::string>{"default"});
+  EXPECT_THROW(layer->set_active_adapter("other"), flora::Error);
+  EXPECT_THROW(layer->add_adapter("default", GetParam().options()), flora::Error);
+}
+
+std::string row_name(const ::testing::TestParamInfo<Row>& info) { return info.param.name(); }
+void PrintTo(const Row& row, std::ostream* os) { *os << row.name(); }
+INSTANTIATE_TEST_SUITE_P(AllLayers, Battery, ::testing::ValuesIn(rows()), row_name);
+std::vector<Row> conv_rows() {
+  auto all = rows();
+  all.erase(std::remove_if(all.begin(), all.end(), [](const Row& r) { return !r.kind.is_conv; }), all.end());
+  return all;
+}
+INSTANTIATE_TEST_SUITE_P(ConvLayers, ConvBattery, ::testing::ValuesIn(conv_rows()), row_name);
+
+// ---------------------------------------------------------------------------------------------
+// Behaviour that is specific to one layer kind.
+
+TEST(FloraConv, CostModelPicksMergedForDepthwiseAndFactorizedForWideConvs) {
+  flora::nn::Conv2d depthwise(torch::nn::Conv2dOptions(256, 256, 7).groups(256).padding(3));
+  depthwise->add_adapter("default", AdapterOptions().rank(16).clip_ranks(true));
+  EXPECT_EQ(depthwise->path_costs({16, 256, 14, 14}, true, true).choice, ConvPath::Merged);
+
+  flora::nn::Conv2d wide(torch::nn::Conv2dOptions(512, 512, 3).padding(1));
+  wide->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
+  EXPECT_EQ(wide->path_costs({16, 512, 7, 7}, true, true).choice, ConvPath::Factorized);
+  // Inference: dW is built once and cached, so the merged weight costs one conv per call.
+  EXPECT_EQ(wide->path_costs({16, 512, 7, 7}, false, false).choice, ConvPath::Merged);
+  {
+    torch::NoGradGuard no_grad;
+    wide->forward(torch::randn({1, 512, 7, 7}));
+    EXPECT_EQ(wide->last_path(), ConvPath::Merged);
+    EXPECT_TRUE(wide->adapter()->delta_cached());
+    auto first = wide->adapter()->delta_weight();
+    EXPECT_TRUE(wide->adapter()->delta_weight().is_same(first)) << "second no-grad call must reuse the cache";
+    wide->adapter()->factors()[0].add_(1.0);  // an in-place update bumps the version: cache invalid
+    EXPECT_FALSE(wide->adapter()->delta_cached());
+  }
+}
+
+TEST(FloraConv, ForwardRecordsThePathTaken) {
+  flora::nn::Conv2d wide(torch::nn::Conv2dOptions(64, 64, 3).padding(1));
+  wide->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}).conv_path(ConvPath::Factorized));
+  wide->forward(torch::randn({1, 64, 8, 8}));
+  EXPECT_EQ(wide->last_path(), ConvPath::Factorized);
+  wide->adapter()->set_conv_path(ConvPath::Merged);
+  wide->forward(torch::randn({1, 64, 8, 8}));
+  EXPECT_EQ(wide->last_path(), ConvPath::Merged);
+}
+
+TEST(FloraConv, DropoutActsOnAdapterInputOnlyInTraining) {
+  torch::manual_seed(1);
+  flora::nn::Conv2d conv(torch::nn::Conv2dOptions(8, 8, 3).padding(1));
+  auto a = conv->add_adapter("default", AdapterOptions().ranks({4, 4, 2, 2}).dropout(0.5));
+  randomize(a->parameters());
+  auto x = torch::randn({2, 8, 6, 6});
+  conv->eval();
+  auto clean = conv->forward(x);
+  conv->train();
+  for (auto path : {ConvPath::Merged, ConvPath::Factorized}) {
+    a->set_conv_path(path);
+    auto y1 = conv->forward(x), y2 = conv->forward(x);
+    EXPECT_GT(max_abs_diff(y1, y2), 1e-4) << "dropout inactive on " << flora::to_string(path);
+    // The base path is untouched by dropout: disabling the adapter gives the same output twice.
+  }
+  conv->set_adapters_enabled(false);
+  EXPECT_LT(max_abs_diff(conv->forward(x), conv->forward(x)), 1e-12);
+  conv->set_adapters_enabled(true);
+  conv->eval();
+  EXPECT_LT(max_abs_diff(conv->forward(x), clean), 1e-6);
+}
+
+TEST(FloraConv, WrapsAnExistingTorchLinearSharingWeights) {
+  torch::nn::Linear base(4, 3);
+  flora::nn::Linear wrapped(*base);
+  EXPECT_TRUE(wrapped->weight.is_same(base->weight));
+  auto x = torch::randn({2, 4});
+  EXPECT_LT(max_abs_diff(wrapped(x), base(x)), 1e-7);
+}
+
+TEST(FloraEmbedding, PaddingRowNeverMoves) {
+  flora::nn::Embedding emb(torch::nn::EmbeddingOptions(6, 4).padding_idx(2));
+  auto a = emb->add_adapter("default", AdapterOptions().ranks({3, 2}));
+  torch::optim::AdamW opt(emb->parameters(), torch::optim::AdamWOptions(0.1));
+  for (int i = 0; i < 3; ++i) {
+    opt.zero_grad();
+    emb(torch::tensor({0, 2, 5, 2})).pow(2).sum().backward();
+    opt.step();
+  }
+  EXPECT_EQ(a->delta_weight()[2].abs().max().item<double>(), 0.0);
+  emb->merge();
+  EXPECT_EQ(emb->weight[2].abs().max().item<double>(), 0.0);
+}
+
+TEST(FloraLayers, SummaryUsesPeftFormat) {
+  flora::nn::Conv2d conv(torch::nn::Conv2dOptions(256, 512, 3).bias(false));
+  conv->add_adapter("default", AdapterOptions().ranks({32, 32, 2, 2}));
+  EXPECT_EQ(flora::nn::format_summary(flora::nn::count_parameters(*conv)),
+            "trainable params: 28,684 || all params: 1,208,332 || trainable%: 2.3739");
+}
+
+TEST(FloraLayers, BadInputNamesTheLayerAndValues) {
+  auto message = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const flora::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  auto m = message([] { flora::nn::Conv2d(torch::nn::Conv2dOptions(6, 4, 3).groups(4)); });
+  EXPECT_NE(m.find("groups 4"), std::string::npos) << m;
+  flora::nn::Conv2d conv(torch::nn::Conv2dOptions(8, 16, 3));
+  conv->set_layer_name("features.3");
+  m = message([&] { conv->add_adapter("default", AdapterOptions().ranks({4, 4, 5, 2})); });
+  EXPECT_NE(m.find("features.3"), std::string::npos) << m;
+  EXPECT_NE(m.find("rank 5"), std::string::npos) << m;
+  m = message([&] { conv->add_adapter("default", AdapterOptions().scale(std::nan(""))); });
+  EXPECT_NE(m.find("not finite"), std::string::npos) << m;
+  m = message([&] { conv->adapter("missing"); });
+  EXPECT_NE(m.find("no adapter 'missing'"), std::string::npos) << m;
+  m = message([&] { conv->add_adapter("a.b", AdapterOptions()); });
+  EXPECT_NE(m.find("'a.b'"), std::string::npos) << m;
+}
+
+}  // namespace

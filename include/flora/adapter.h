@@ -38,8 +38,12 @@ class TuckerAdapterImpl : public torch::nn::Module {
   const std::vector<torch::Tensor>& factors() const { return factors_; }
   /// The stored core parameter (undefined for an Identity core).
   const torch::Tensor& core_parameter() const { return core_; }
-  /// dW = s * G x_0 U_0 ... in the weight's shape.
+  /// dW = s * G x_0 U_0 ... in the weight's shape. Under no-grad (inference) the result is
+  /// cached until a parameter changes (keyed on tensor version counters) or the scale changes:
+  /// eval forwards then cost one conv. Do not modify the returned tensor in place.
   torch::Tensor delta_weight() const;
+  /// True when a no-grad delta_weight() would be served from the cache.
+  bool delta_cached() const;
 
   double scale() const { return spec_.scale; }
   /// Runtime scale change (e.g. to sweep s, or to fade an adapter); must be finite.
@@ -54,6 +58,11 @@ class TuckerAdapterImpl : public torch::nn::Module {
   AdapterSpec spec_;
   torch::Tensor core_;
   std::vector<torch::Tensor> factors_;
+  // no-grad cache of dW and the (data pointer, version) of every parameter it was built from
+  mutable torch::Tensor cache_;
+  mutable std::vector<std::pair<const void*, int64_t>> cache_key_;
+  mutable double cache_scale_ = 0.0;
+  std::vector<std::pair<const void*, int64_t>> cache_key() const;
 };
 TORCH_MODULE(TuckerAdapter);
 

@@ -1,0 +1,54 @@
+// Shared test helpers: comparisons and a central-difference gradient check.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace flora_test {
+
+inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
+}
+
+/// Fills every tensor with N(0, std) under no-grad (to move adapters away from their zero init).
+inline void randomize(const std::vector<torch::Tensor>& params, double std = 0.8) {
+  torch::NoGradGuard g;
+  for (auto p : params) p.normal_(0.0, std);
+}
+
+/// Compares d loss / d p from autograd with central differences (double precision) for every
+/// entry of every tensor in `params`. Returns the largest relative error found.
+inline double finite_difference_error(const std::function<torch::Tensor()>& loss,
+                                      const std::vector<torch::Tensor>& params, double eps = 1e-6) {
+  for (auto p : params)
+    if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
+  loss().backward();
+  double worst = 0.0;
+  for (auto p : params) {
+    auto analytic = p.grad().defined() ? p.grad().clone() : torch::zeros_like(p);
+    auto flat = p.detach().view({-1});
+    auto g = analytic.view({-1});
+    for (int64_t i = 0; i < flat.numel(); ++i) {
+      double numeric;
+      {
+        torch::NoGradGuard ng;
+        const double orig = flat[i].item<double>();
+        flat[i] = orig + eps;
+        const double up = loss().item<double>();
+        flat[i] = orig - eps;
+        const double down = loss().item<double>();
+        flat[i] = orig;
+        numeric = (up - down) / (2 * eps);
+      }
+      const double a = g[i].item<double>();
+      const double err = std::abs(a - numeric) / std::max(1.0, std::abs(numeric));
+      worst = std::max(worst, err);
+    }
+  }
+  return worst;
+}
+
+}  // namespace flora_test
