@@ -1,2 +1,176 @@
+// Layer benchmark: one training step (forward + backward) of an adapted layer against the frozen
+// base layer (forward + input gradient only: the floor any adapter method pays).
+//
+//   build/bin/flora_bench [--benchmark_min_time=0.5] [--benchmark_filter=conv]
+//
+// After Google Benchmark's table, a second table gives each variant's time as a ratio to the
+// frozen layer of the same shape, measured in the same run. Method: docs/PERFORMANCE.md.
 #include <benchmark/benchmark.h>
-BENCHMARK_MAIN();
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <string>
+
+#include "flora/flora.h"
+
+namespace {
+
+enum class Variant { Frozen, Full, FloraAuto, FloraMerged, FloraFactorized, Lora };
+const char* variant_name(Variant v) {
+  switch (v) {
+    case Variant::Frozen: return "frozen";
+    case Variant::Full: return "full";
+    case Variant::FloraAuto: return "flora_auto";
+    case Variant::FloraMerged: return "flora_merged";
+    case Variant::FloraFactorized: return "flora_factorized";
+    case Variant::Lora: return "lora_r16";
+  }
+  return "?";
+}
+
+struct ConvShape {
+  int64_t channels, pixels;
+};
+const ConvShape kConvShapes[] = {{64, 56}, {128, 28}, {256, 14}, {512, 7}};
+const int64_t kBatch = 16;
+
+// Sets the layer up for `v`: frozen weights, an adapter, or fully trainable weights.
+void prepare(flora::nn::AdaptableLayer& layer, Variant v, std::vector<int64_t> flora_ranks) {
+  switch (v) {
+    case Variant::Frozen: layer.weight.requires_grad_(false); if (layer.bias.defined()) layer.bias.requires_grad_(false); break;
+    case Variant::Full: break;
+    case Variant::Lora: layer.add_adapter("a", flora::AdapterOptions().method(flora::Method::Lora).rank(16).alpha(16)); break;
+    default: {
+      auto path = v == Variant::FloraMerged       ? flora::ConvPath::Merged
+                  : v == Variant::FloraFactorized ? flora::ConvPath::Factorized
+                                                  : flora::ConvPath::Auto;
+      auto a = layer.add_adapter("a", flora::AdapterOptions().ranks(flora_ranks).conv_path(path));
+      torch::NoGradGuard g;
+      a->core_parameter().normal_(0, 0.1);  // a trained-looking core (the zero init is a special case)
+    }
+  }
+}
+
+// Times `step` against `frozen_step` interleaved (frozen, variant, frozen, variant, ...), so
+// that machine drift hits both alike; reports the variant's time and the median per-round ratio.
+template <typename Step, typename FrozenStep>
+void interleaved(benchmark::State& state, Step step, FrozenStep frozen_step) {
+  using clock = std::chrono::steady_clock;
+  for (int i = 0; i < 2; ++i) {  // warm-up: oneDNN builds its primitives on first use
+    step();
+    frozen_step();
+  }
+  std::vector<double> ratios;
+  for (auto _ : state) {
+    auto t0 = clock::now();
+    frozen_step();
+    auto t1 = clock::now();
+    step();
+    auto t2 = clock::now();
+    const double frozen = std::chrono::duration<double>(t1 - t0).count();
+    const double variant = std::chrono::duration<double>(t2 - t1).count();
+    state.SetIterationTime(variant);
+    ratios.push_back(variant / frozen);
+  }
+  std::sort(ratios.begin(), ratios.end());
+  state.counters["x_frozen"] = ratios[ratios.size() / 2];
+}
+
+template <typename Layer>
+auto training_step(Layer& layer, const torch::Tensor& x, const torch::Tensor& gy) {
+  return [&layer, x, gy]() mutable {
+    auto y = layer(x);
+    y.backward(gy);
+    x.mutable_grad() = torch::Tensor();
+    for (auto& p : layer->parameters()) p.mutable_grad() = torch::Tensor();
+  };
+}
+
+void conv_step(benchmark::State& state, ConvShape s, Variant v) {
+  torch::manual_seed(0);
+  auto opt = torch::nn::Conv2dOptions(s.channels, s.channels, 3).padding(1).bias(false);
+  flora::nn::Conv2d conv(opt), frozen(opt);
+  prepare(*conv, v, {16, 16, 2, 2});
+  prepare(*frozen, Variant::Frozen, {});
+  auto x = torch::randn({kBatch, s.channels, s.pixels, s.pixels}).requires_grad_(true);
+  auto gy = torch::randn({kBatch, s.channels, s.pixels, s.pixels});
+  interleaved(state, training_step(conv, x, gy), training_step(frozen, x, gy));
+  if (v == Variant::FloraAuto) state.SetLabel(flora::to_string(conv->last_path()));
+}
+
+void linear_step(benchmark::State& state, int64_t features, Variant v) {
+  torch::manual_seed(0);
+  flora::nn::Linear fc(features, features), frozen(features, features);
+  prepare(*fc, v, {16, 16});
+  prepare(*frozen, Variant::Frozen, {});
+  auto x = torch::randn({kBatch * 64, features}).requires_grad_(true);
+  auto gy = torch::randn({kBatch * 64, features});
+  interleaved(state, training_step(fc, x, gy), training_step(frozen, x, gy));
+}
+
+// Records each benchmark's time, then prints ratios to the frozen variant of the same shape.
+class RatioReporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const auto& r : runs) {
+      // With --benchmark_repetitions, only the median aggregate is used for ratios.
+      if (r.run_type == Run::RT_Aggregate && r.aggregate_name != "median") continue;
+      std::string name = r.run_name.function_name;
+      auto it = r.counters.find("x_frozen");
+      if (it != r.counters.end()) ratios_[name] = it->second;
+    }
+  }
+  void Finalize() override {
+    ConsoleReporter::Finalize();
+    std::printf("\nStep time / frozen step time (median of interleaved rounds; same run):\n");
+    std::map<std::string, std::map<std::string, double>> table;
+    for (const auto& [name, ratio] : ratios_) {
+      const auto slash = name.rfind('/');
+      table[name.substr(0, slash)][name.substr(slash + 1)] = ratio;
+    }
+    std::printf("%-28s", "shape");
+    for (auto v : kShown) std::printf(" %17s", variant_name(v));
+    std::printf("\n");
+    for (const auto& [shape, row] : table) {
+      std::printf("%-28s", shape.c_str());
+      for (auto v : kShown) {
+        auto it = row.find(variant_name(v));
+        if (it == row.end()) std::printf(" %17s", "-");
+        else std::printf(" %16.2fx", it->second);
+      }
+      std::printf("\n");
+    }
+  }
+
+ private:
+  static constexpr Variant kShown[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized,
+                                       Variant::Lora, Variant::Full};
+  std::map<std::string, double> ratios_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  flora::configure_threads();
+  const Variant all[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized,
+                         Variant::Lora, Variant::Full};
+  for (const auto& s : kConvShapes)
+    for (auto v : all) {
+      const std::string name = "conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16/" + variant_name(v);
+      benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v)->Unit(benchmark::kMillisecond)->UseManualTime();
+    }
+  for (int64_t f : {768, 2048})
+    for (auto v : {Variant::FloraAuto, Variant::Lora, Variant::Full}) {
+      const std::string name = "linear_" + std::to_string(f) + "_tokens1024/" + variant_name(v);
+      benchmark::RegisterBenchmark(name.c_str(), linear_step, f, v)->Unit(benchmark::kMillisecond)->UseManualTime();
+    }
+  benchmark::Initialize(&argc, argv);
+  RatioReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  return 0;
+}

@@ -46,8 +46,18 @@ Tensor pointwise(const Tensor& m, int64_t dims) {
 }  // namespace
 
 Tensor mode_product(const Tensor& t, const Tensor& u, int64_t mode) {
-  // tensordot puts u's I first; move it back to `mode`.
-  return at::tensordot(u, t, {1}, {mode}).movedim(0, mode);
+  // View t as [P, r, Q] (P, Q: the modes before and after) and multiply by u [I, r] in place of
+  // r: a GEMM whose output is already contiguous in the final layout, so no permute copies.
+  const auto sizes = t.sizes();
+  const int64_t r = sizes[mode];
+  int64_t P = 1, Q = 1;
+  for (int64_t i = 0; i < mode; ++i) P *= sizes[i];
+  for (int64_t i = mode + 1; i < t.dim(); ++i) Q *= sizes[i];
+  auto shape = sizes.vec();
+  shape[mode] = u.size(0);
+  if (P == 1) return u.matmul(t.reshape({r, Q})).view(shape);
+  if (Q == 1) return t.reshape({P, r}).matmul(u.t()).view(shape);
+  return at::matmul(u, t.reshape({P, r, Q})).view(shape);
 }
 
 Tensor superdiagonal(const Tensor& values, int64_t order) {
@@ -139,8 +149,31 @@ Tensor linear_branch(const Tensor& x, const Tensor& core, const std::vector<Tens
   return h;
 }
 
+namespace {
+
+// Steps 1 and 2 of the factorized branch: [N, in, ...] -> [N, g*r_0 (or out), ...].
+Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
+                         const ConvGeometry& geo);
+
+}  // namespace
+
 Tensor conv_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
                    const ConvGeometry& geo) {
+  Tensor w = conv_branch_inner(x, core, factors, scale, geo);
+  // 3) grouped 1x1: group gi's r_0 channels -> its out/g output channels, weights U_out rows.
+  if (factors[0].defined()) {
+    const int64_t d = geo.dims();
+    ConvGeometry unit{std::vector<int64_t>(d, 1), std::vector<int64_t>(d, 0), std::vector<int64_t>(d, 1), geo.groups,
+                      PaddingMode::Zeros};
+    w = conv_nd(w, pointwise(factors[0], d), {}, unit);
+  }
+  return w;
+}
+
+namespace {
+
+Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
+                         const ConvGeometry& geo) {
   check_factors(core, factors, "conv_branch");
   const int64_t d = geo.dims();
   if (core.dim() != 2 + d)
@@ -171,15 +204,10 @@ Tensor conv_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor
     rep[0] = g;
     w2 = kernel.repeat(rep);
   }
-  Tensor w = conv_nd(z, w2, {}, geo);
-  // 3) grouped 1x1: group gi's r_0 channels -> its out/g output channels, weights U_out rows.
-  if (u_out.defined()) {
-    ConvGeometry unit{std::vector<int64_t>(d, 1), std::vector<int64_t>(d, 0), std::vector<int64_t>(d, 1), g,
-                      PaddingMode::Zeros};
-    w = conv_nd(w, pointwise(u_out, d), {}, unit);
-  }
-  return w;
+  return conv_nd(z, w2, {}, geo);
 }
+
+}  // namespace
 
 Tensor embedding_branch(const Tensor& indices, const Tensor& core, const std::vector<Tensor>& factors,
                         double scale, c10::optional<int64_t> padding_idx) {

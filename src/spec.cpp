@@ -11,6 +11,9 @@
 namespace flora {
 namespace {
 
+constexpr double kContractionWriteCost = 16.0;
+constexpr double kMiddleModeCost = 4.0;
+
 int64_t product(const std::vector<int64_t>& v, size_t from = 0) {
   int64_t p = 1;
   for (size_t i = from; i < v.size(); ++i) p *= v[i];
@@ -262,6 +265,9 @@ int64_t lora_parameter_count(const std::vector<int64_t>& shape, int64_t rank) {
 
 ContractionPlan plan_contraction(const std::vector<int64_t>& shape, const std::vector<int64_t>& ranks,
                                  const std::vector<bool>& identity) {
+  // Each step costs its multiply-adds (elements written x r_n) plus kContractionWriteCost per
+  // element written: steps with small r_n are memory-bound, and a float written costs about as
+  // much as tens of multiply-adds on a CPU (measured: docs/PERFORMANCE.md).
   std::vector<int64_t> modes;
   for (size_t n = 0; n < shape.size(); ++n)
     if (!identity[n]) modes.push_back(static_cast<int64_t>(n));
@@ -281,7 +287,11 @@ ContractionPlan plan_contraction(const std::vector<int64_t>& shape, const std::v
     for (size_t i = 0; i < F; ++i) {
       if (mask & (size_t{1} << i)) continue;
       const size_t next = mask | (size_t{1} << i);
-      const double cost = best[mask] + elems * static_cast<double>(shape[modes[i]]);
+      const double r = static_cast<double>(ranks[modes[i]]), I = static_cast<double>(shape[modes[i]]);
+      const double written = elems / r * I;
+      // Middle modes run as many small batched GEMMs; first/last modes as one large GEMM.
+      const bool middle = modes[i] != 0 && modes[i] != static_cast<int64_t>(shape.size()) - 1;
+      const double cost = best[mask] + written * (r + kContractionWriteCost + (middle ? kMiddleModeCost : 0.0));
       if (cost < best[next]) {
         best[next] = cost;
         parent[next] = static_cast<int>(i);

@@ -169,12 +169,14 @@ int64_t parameter_count(const AdapterSpec& spec);
 /// Parameters PEFT's LoRA has for this weight at rank r: r * (I_0 + prod(I_1..)).
 int64_t lora_parameter_count(const std::vector<int64_t>& shape, int64_t rank);
 
-/// The order in which to apply mode products to G to build dW with the fewest multiply-adds.
+/// The order in which to apply mode products to G to build dW at the least cost.
 struct ContractionPlan {
   std::vector<int64_t> order;  ///< factored modes, first applied first
-  double macs = 0;             ///< multiply-adds of that order
+  double macs = 0;             ///< cost of that order: sum over steps of written * (r_n + 16 (+4))
 };
-/// Exact dynamic program over subsets of factored modes (N <= 20).
+/// Exact dynamic program over subsets of factored modes (N <= 20). A step applying U_n [I_n, r_n]
+/// to a tensor of E elements writes E / r_n * I_n elements and costs written * (r_n + 16): its
+/// multiply-adds plus a memory term; + 4 per element for a middle mode (batched small GEMMs).
 ContractionPlan plan_contraction(const std::vector<int64_t>& shape,
                                  const std::vector<int64_t>& ranks,
                                  const std::vector<bool>& identity);
