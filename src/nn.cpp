@@ -7,6 +7,7 @@
 #include <sstream>
 #include <unordered_set>
 
+#include "flora/detail/compat.h"
 #include "flora/layers.h"
 
 namespace flora {
@@ -278,9 +279,9 @@ functional::ConvGeometry geometry_of(const torch::nn::ConvOptions<D>& o, const s
   g.dilation = std::vector<int64_t>(o.dilation()->begin(), o.dilation()->end());
   g.groups = o.groups();
   const auto kernel = std::vector<int64_t>(o.kernel_size()->begin(), o.kernel_size()->end());
-  if (auto* p = c10::get_if<torch::ExpandingArray<D>>(&o.padding())) {
+  if (auto* p = flora::detail::variant_get_if<torch::ExpandingArray<D>>(o.padding())) {
     g.padding = std::vector<int64_t>((*p)->begin(), (*p)->end());
-  } else if (c10::get_if<torch::enumtype::kValid>(&o.padding())) {
+  } else if (flora::detail::variant_get_if<torch::enumtype::kValid>(o.padding())) {
     g.padding.assign(D, 0);
   } else {  // kSame
     for (size_t i = 0; i < D; ++i) {
@@ -292,9 +293,9 @@ functional::ConvGeometry geometry_of(const torch::nn::ConvOptions<D>& o, const s
     }
   }
   const auto& m = o.padding_mode();
-  if (c10::get_if<torch::enumtype::kZeros>(&m)) g.padding_mode = functional::PaddingMode::Zeros;
-  else if (c10::get_if<torch::enumtype::kReflect>(&m)) g.padding_mode = functional::PaddingMode::Reflect;
-  else if (c10::get_if<torch::enumtype::kReplicate>(&m)) g.padding_mode = functional::PaddingMode::Replicate;
+  if (flora::detail::variant_get_if<torch::enumtype::kZeros>(m)) g.padding_mode = functional::PaddingMode::Zeros;
+  else if (flora::detail::variant_get_if<torch::enumtype::kReflect>(m)) g.padding_mode = functional::PaddingMode::Reflect;
+  else if (flora::detail::variant_get_if<torch::enumtype::kReplicate>(m)) g.padding_mode = functional::PaddingMode::Replicate;
   else g.padding_mode = functional::PaddingMode::Circular;
   if (o.in_channels() % o.groups() != 0 || o.out_channels() % o.groups() != 0)
     throw InvalidArgument("layer '" + where + "': groups " + std::to_string(o.groups()) + " do not divide in_channels " +

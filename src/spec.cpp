@@ -166,6 +166,10 @@ AdapterSpec resolve_spec(const AdapterOptions& o, const TargetInfo& t) {
   if (!(o.dropout() >= 0.0 && o.dropout() < 1.0))
     fail(t, "dropout " + std::to_string(o.dropout()) + " is outside [0, 1)", "");
   s.dropout = o.dropout();
+  if (t.kind == LayerKind::Embedding && s.dropout > 0.0) {
+    s.dropout = 0.0;
+    s.notes.push_back("dropout not applied: an Embedding's input is indices (as in PEFT)");
+  }
 
   if (o.method() == Method::Lora) {
     if (!o.ranks().empty())

@@ -8,6 +8,7 @@
 #include <memory>
 #include <numeric>
 
+#include "flora/detail/compat.h"
 #include "flora/flora.h"
 #include "helpers.h"
 
@@ -50,10 +51,10 @@ Kind conv_kind(std::string name, torch::nn::ConvOptions<D> opt, std::vector<int6
   k.reference = [opt](AdaptableLayer& l, const Tensor& x, const Tensor& w) {
     // torch's functional conv with the module's options (padding via F::pad for other modes).
     namespace F = torch::nn::functional;
-    auto pad = *c10::get_if<torch::ExpandingArray<D>>(&opt.padding());
+    auto pad = *flora::detail::variant_get_if<torch::ExpandingArray<D>>(opt.padding());
     Tensor in = x;
     std::vector<int64_t> p((*pad).begin(), (*pad).end());
-    if (!c10::get_if<torch::enumtype::kZeros>(&opt.padding_mode())) {
+    if (!flora::detail::variant_get_if<torch::enumtype::kZeros>(opt.padding_mode())) {
       std::vector<int64_t> rev;
       for (int i = D - 1; i >= 0; --i) rev.insert(rev.end(), {p[i], p[i]});
       in = F::pad(x, F::PadFuncOptions(rev).mode(torch::kReflect));
@@ -413,6 +414,30 @@ TEST(FloraLayers, BadInputNamesTheLayerAndValues) {
   EXPECT_NE(m.find("no adapter 'missing'"), std::string::npos) << m;
   m = message([&] { conv->add_adapter("a.b", AdapterOptions()); });
   EXPECT_NE(m.find("'a.b'"), std::string::npos) << m;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// GPU: runs where LibTorch has CUDA and a device is present; skipped otherwise.
+namespace {
+
+TEST(Device, ConvPathsAndMergeOnGpuMatchCpu_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(3);
+  flora::nn::Conv2d conv(torch::nn::Conv2dOptions(8, 12, 3).padding(1).groups(2));
+  conv->to(torch::kFloat64);
+  auto a = conv->add_adapter("default", AdapterOptions().ranks({4, 2, 2, 2}));
+  randomize(a->parameters());
+  auto x = torch::randn({2, 8, 9, 9}, torch::kFloat64);
+  auto cpu = conv->forward(x).detach();
+  conv->to(torch::kCUDA);
+  for (auto path : {ConvPath::Merged, ConvPath::Factorized}) {
+    a->set_conv_path(path);
+    EXPECT_LT(max_abs_diff(conv->forward(x.cuda()).cpu(), cpu), 1e-10) << flora::to_string(path);
+  }
+  conv->merge();
+  EXPECT_LT(max_abs_diff(conv->forward(x.cuda()).cpu(), cpu), 1e-10);
 }
 
 }  // namespace

@@ -159,3 +159,14 @@ TEST(Parse, NamesRoundTripAndUnknownNamesFail) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Resolve, EmbeddingDropoutIsNotAppliedAndSaysSo) {
+  auto s = flora::resolve_spec(AdapterOptions().ranks({2, 2}).dropout(0.1), {"emb", LayerKind::Embedding, {10, 4}, 1});
+  EXPECT_EQ(s.dropout, 0.0);
+  ASSERT_EQ(s.notes.size(), 1u);
+  EXPECT_NE(s.notes[0].find("dropout not applied"), std::string::npos) << s.notes[0];
+}
+
+}  // namespace
