@@ -16,6 +16,7 @@
 #include <numeric>
 
 #include "flora/flora.h"
+#include "flora/io/safetensors.h"
 #include "commands.h"
 
 namespace {
@@ -172,9 +173,53 @@ void add_doctor(CLI::App& app, std::function<int()>& run) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// flora inspect
+
+int run_inspect(const std::string& path, bool json) {
+  const bool is_safetensors = path.size() >= 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0;
+  if (!is_safetensors)
+    throw flora::InvalidArgument("inspect reads .safetensors files; '" + path +
+                                 "' is not one (adapter directories and TorchScript models come with issue [B])");
+  flora::io::SafetensorsFile f(path);
+  int64_t total = 0;
+  uint64_t bytes = 0;
+  for (const auto& t : f.tensors()) {
+    total += t.numel();
+    bytes += t.end - t.begin;
+  }
+  if (json) {
+    nlohmann::json j = {{"file", path}, {"metadata", f.metadata()}, {"tensors", nlohmann::json::array()},
+                        {"total_params", total}, {"total_bytes", bytes}};
+    for (const auto& t : f.tensors())
+      j["tensors"].push_back({{"name", t.name}, {"dtype", t.dtype}, {"shape", t.shape}, {"count", t.numel()}});
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
+  size_t width = 4;
+  for (const auto& t : f.tensors()) width = std::max(width, t.name.size());
+  std::printf("%-*s  %-6s  %-22s %14s\n", static_cast<int>(width), "name", "dtype", "shape", "count");
+  for (const auto& t : f.tensors())
+    std::printf("%-*s  %-6s  %-22s %14s\n", static_cast<int>(width), t.name.c_str(), t.dtype.c_str(),
+                format_shape(t.shape).c_str(), format_count(t.numel()).c_str());
+  std::printf("%zu tensors, %s parameters, %s bytes\n", f.tensors().size(), format_count(total).c_str(),
+              format_count(static_cast<int64_t>(bytes)).c_str());
+  for (const auto& [k, v] : f.metadata()) std::printf("metadata %s = %s\n", k.c_str(), v.c_str());
+  return 0;
+}
+
+void add_inspect(CLI::App& app, std::function<int()>& run) {
+  auto path = std::make_shared<std::string>();
+  auto json = std::make_shared<bool>(false);
+  auto* c = app.add_subcommand("inspect", "List the tensors of a .safetensors file (name, dtype, shape, count)");
+  c->add_option("file", *path, "A .safetensors file")->required();
+  c->add_flag("--json", *json, "Print one JSON object");
+  c->callback([path, json, &run] { run = [path, json] { return run_inspect(*path, *json); }; });
+}
+
+// ---------------------------------------------------------------------------------------------
 
 using Adder = void (*)(CLI::App&, std::function<int()>&);
-const Adder kCommands[] = {add_params, add_doctor, flora::cli::add_demo};
+const Adder kCommands[] = {add_params, add_inspect, add_doctor, flora::cli::add_demo};
 
 }  // namespace
 

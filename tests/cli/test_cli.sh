@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# End-to-end checks of `flora params`: the seed's worked numbers, --json, and error exits.
-# Usage: test_params.sh PATH/TO/flora
+# End-to-end checks of the command line: `flora params` (the seed's worked numbers, --json, error
+# exits) and `flora inspect` on safetensors files written by an independent Python writer.
+# Usage: test_cli.sh PATH/TO/flora
 set -u
 flora=$1
 pass=0 fail=0
@@ -32,5 +33,33 @@ check "bad groups"        2 "groups 3"                 -- params --shape 8,2,3,3
 check "missing shape"     2 "--shape"                  -- params
 check "unknown command"   2 ""                         -- frobnicate
 check "help"              0 "--ranks"                  -- params --help
-echo "cli params: $pass passed, $fail failed"
+
+# inspect: files written by a few lines of Python (struct + json, torch for the bytes).
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+if /usr/bin/python3 -c 'import torch' 2>/dev/null; then
+  /usr/bin/python3 - "$tmp" <<'PY'
+import json, struct, sys, torch
+d = sys.argv[1]
+t = {"layer1.0.conv1.weight": torch.randn(64, 64, 3, 3), "fc.bias": torch.zeros(10, dtype=torch.float16)}
+hdr, off, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+for k, v in t.items():
+    b = v.numpy().tobytes()
+    hdr[k] = {"dtype": {torch.float32: "F32", torch.float16: "F16"}[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+    off += len(b); blobs.append(b)
+h = json.dumps(hdr).encode()
+whole = struct.pack("<Q", len(h)) + h + b"".join(blobs)
+open(f"{d}/ok.safetensors", "wb").write(whole)
+open(f"{d}/trunc.safetensors", "wb").write(whole[:-3])
+PY
+  check "inspect table"   0 "layer1.0.conv1.weight  F32     [64, 64, 3, 3]" -- inspect "$tmp/ok.safetensors"
+  check "inspect totals"  0 "2 tensors, 36,874 parameters" -- inspect "$tmp/ok.safetensors"
+  check "inspect json"    0 '"total_params":36874'   -- inspect "$tmp/ok.safetensors" --json
+  check "inspect trunc"   1 "truncated file?"        -- inspect "$tmp/trunc.safetensors"
+else
+  echo "inspect checks skipped: /usr/bin/python3 has no torch"
+fi
+check "inspect missing"   1 "cannot open"            -- inspect "$tmp/none.safetensors"
+check "inspect not st"    2 "reads .safetensors"     -- inspect model.pt
+
+echo "cli: $pass passed, $fail failed"
 [[ $fail -eq 0 ]]
