@@ -9,6 +9,7 @@ packages=(
   nlohmann-json3-dev libcli11-dev        # JSON, command line
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   python3-torch                          # tests only: independent reference values
+  clang-14 libfuzzer-14-dev libclang-rt-14-dev  # tests only: the safetensors fuzz target
 )
 
 missing=()
