@@ -1,0 +1,154 @@
+#include "flora/inject.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <regex>
+#include <sstream>
+
+#include "flora/layers.h"
+
+namespace flora {
+namespace {
+
+std::regex compile(const std::string& pattern, const std::string& what) {
+  try {
+    return std::regex(pattern, std::regex::ECMAScript);
+  } catch (const std::regex_error& e) {
+    throw InvalidArgument(what + " '" + pattern + "' is not a valid regex: " + e.what());
+  }
+}
+
+bool is_torch_layer(const torch::nn::Module& m) {
+  return dynamic_cast<const torch::nn::LinearImpl*>(&m) || dynamic_cast<const torch::nn::Conv1dImpl*>(&m) ||
+         dynamic_cast<const torch::nn::Conv2dImpl*>(&m) || dynamic_cast<const torch::nn::Conv3dImpl*>(&m) ||
+         dynamic_cast<const torch::nn::EmbeddingImpl*>(&m);
+}
+
+}  // namespace
+
+bool name_matches(const std::string& name, const std::vector<std::string>& list) {
+  for (const auto& t : list) {
+    if (name == t) return true;
+    if (name.size() > t.size() && name.compare(name.size() - t.size(), t.size(), t) == 0 &&
+        name[name.size() - t.size() - 1] == '.')
+      return true;
+  }
+  return false;
+}
+
+int64_t InjectionReport::total_params() const {
+  int64_t n = 0;
+  for (const auto& a : adapted) n += a.params;
+  return n;
+}
+
+std::string InjectionReport::format() const {
+  std::ostringstream os;
+  size_t w = 6;
+  for (const auto& a : adapted) w = std::max(w, a.name.size());
+  for (const auto& s : skipped) w = std::max(w, s.name.size());
+  char line[512];
+  std::snprintf(line, sizeof line, "%-*s  %-9s  %-20s  %-16s  %-18s %10s\n", static_cast<int>(w), "module", "type",
+                "shape", "ranks", "path", "params");
+  os << line;
+  for (const auto& a : adapted) {
+    std::snprintf(line, sizeof line, "%-*s  %-9s  %-20s  %-16s  %-18s %10s\n", static_cast<int>(w), a.name.c_str(),
+                  a.kind.c_str(), format_shape(a.shape).c_str(), format_shape(a.ranks).c_str(), a.path.c_str(),
+                  format_count(a.params).c_str());
+    os << line;
+    for (const auto& n : a.notes) os << "    note: " << n << "\n";
+  }
+  os << adapted.size() << " adapted, " << format_count(total_params()) << " adapter parameters\n";
+  for (const auto& s : skipped) os << "skipped " << s.name << ": " << s.reason << "\n";
+  return os.str();
+}
+
+void freeze_base(torch::nn::Module& model) {
+  for (auto& item : model.named_parameters()) {
+    const auto& name = item.key();
+    const bool adapter = name.find(".adapters.") != std::string::npos || name.rfind("adapters.", 0) == 0;
+    if (!adapter) item.value().requires_grad_(false);
+  }
+}
+
+InjectionReport inject_adapters(torch::nn::Module& model, const InjectOptions& o) {
+  const auto& sel = o.targets;
+  if (sel.names.empty() && sel.regex.empty() && !sel.all_linear)
+    throw InvalidArgument("no targets given (hint: name modules, give a regex, or use all-linear)");
+  const std::regex target_re = sel.regex.empty() ? std::regex() : compile(sel.regex, "target regex");
+  std::vector<std::pair<std::regex, std::vector<int64_t>>> ranks;
+  for (const auto& [p, r] : o.rank_pattern) ranks.emplace_back(compile(p, "rank_pattern"), r);
+  std::vector<std::pair<std::regex, double>> scales;
+  for (const auto& [p, s] : o.scale_pattern) scales.emplace_back(compile(p, "scale_pattern"), s);
+
+  // Module names as PyTorch spells them ("layer1.0.conv1"); the root has an empty name.
+  auto modules = model.named_modules("", /*include_self=*/false);
+  std::string output_head;
+  if (sel.all_linear)
+    for (const auto& item : modules)
+      if (dynamic_cast<nn::LinearImpl*>(item.value().get()) || dynamic_cast<torch::nn::LinearImpl*>(item.value().get()))
+        output_head = item.key();
+
+  InjectionReport report;
+  for (const auto& item : modules) {
+    const std::string& name = item.key();
+    if (name.find(".adapters") != std::string::npos || name.rfind("adapters", 0) == 0) continue;  // our own
+    auto* layer = dynamic_cast<nn::AdaptableLayer*>(item.value().get());
+    const bool is_linear = dynamic_cast<nn::LinearImpl*>(item.value().get()) != nullptr;
+    bool selected = false;
+    if (!sel.regex.empty()) selected = std::regex_match(name, target_re);
+    else if (!sel.names.empty()) selected = name_matches(name, sel.names);
+    if (sel.all_linear && is_linear && name != output_head) selected = true;
+    if (!selected) continue;
+    if (name_matches(name, sel.exclude)) {
+      report.skipped.push_back({name, "excluded"});
+      continue;
+    }
+    if (!layer) {
+      if (!item.value()->children().empty()) continue;  // containers are not targets
+      report.skipped.push_back({name, is_torch_layer(*item.value())
+                                          ? "a torch::nn layer: build the model with flora::nn layers (drop-in, same names)"
+                                          : "not an adaptable layer (" + item.value()->name() + ")"});
+      continue;
+    }
+    const auto target = layer->target_info();
+    if (!sel.kinds.empty() && std::find(sel.kinds.begin(), sel.kinds.end(), target.kind) == sel.kinds.end()) {
+      report.skipped.push_back({name, "type " + to_string(target.kind) + " is filtered out"});
+      continue;
+    }
+    AdapterOptions opt = o.adapter;
+    for (const auto& [re, r] : ranks)
+      if (std::regex_match(name, re)) {
+        if (opt.method() == Method::Lora) {
+          if (r.size() != 1) throw InvalidArgument("rank_pattern for LoRA module '" + name + "' must give one rank, got " + format_shape(r));
+          opt.rank(r[0]);
+        } else {
+          opt.ranks(r);
+        }
+      }
+    for (const auto& [re, s] : scales)
+      if (std::regex_match(name, re)) {
+        if (opt.method() == Method::Lora) opt.alpha(s);
+        else opt.scale(s);
+      }
+    layer->set_layer_name(name);
+    auto adapter = layer->add_adapter(o.adapter_name, opt);
+    const auto& spec = adapter->spec();
+    report.adapted.push_back({name, to_string(target.kind), target.shape, spec.ranks,
+                              target.kind == LayerKind::Conv
+                                  ? (spec.conv_path == ConvPath::Auto ? "auto (cost model)" : to_string(spec.conv_path))
+                                  : "-",
+                              parameter_count(spec), spec.notes});
+  }
+  if (report.adapted.empty()) {
+    std::string why;
+    for (const auto& s : report.skipped) why += " " + s.name + " (" + s.reason + ");";
+    throw InvalidArgument("no module was adapted" + (why.empty() ? std::string(": no module name matched the targets") : ":" + why) +
+                          " (hint: module names look like 'layer1.0.conv1'; list them with named_modules())");
+  }
+  if (o.freeze_base) freeze_base(model);
+  return report;
+}
+
+}  // namespace flora
