@@ -66,7 +66,7 @@ int run_params(const ParamsArgs& a) {
   }
   const auto spec = flora::resolve_spec(o, t);
   const int64_t trainable = flora::parameter_count(spec);
-  const int64_t lora_rank = spec.method == flora::Method::Lora ? spec.ranks[0] : spec.ranks[0];
+  const int64_t lora_rank = spec.ranks[0];  // LoRA: its rank; FLoRA: compare at the output-channel rank
   const int64_t lora = flora::lora_parameter_count(a.shape, lora_rank);
   int64_t core_params = 1;
   for (auto d : spec.core_param_shape()) core_params *= d;
