@@ -43,6 +43,12 @@ Tensor pointwise(const Tensor& m, int64_t dims) {
   return m.reshape(shape);
 }
 
+// Geometry of a grouped 1x1 conv: stride 1, no padding, no dilation.
+ConvGeometry pointwise_geometry(int64_t dims, int64_t groups) {
+  return {std::vector<int64_t>(dims, 1), std::vector<int64_t>(dims, 0), std::vector<int64_t>(dims, 1), groups,
+          PaddingMode::Zeros};
+}
+
 }  // namespace
 
 Tensor mode_product(const Tensor& t, const Tensor& u, int64_t mode) {
@@ -163,9 +169,7 @@ Tensor conv_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor
   // 3) grouped 1x1: group gi's r_0 channels -> its out/g output channels, weights U_out rows.
   if (factors[0].defined()) {
     const int64_t d = geo.dims();
-    ConvGeometry unit{std::vector<int64_t>(d, 1), std::vector<int64_t>(d, 0), std::vector<int64_t>(d, 1), geo.groups,
-                      PaddingMode::Zeros};
-    w = conv_nd(w, pointwise(factors[0], d), {}, unit);
+    w = conv_nd(w, pointwise(factors[0], d), {}, pointwise_geometry(d, geo.groups));
   }
   return w;
 }
@@ -191,9 +195,7 @@ Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<
   Tensor z = x;
   if (u_in.defined()) {
     Tensor w1 = pointwise(g == 1 ? u_in.t() : u_in.t().repeat({g, 1}), d);
-    ConvGeometry unit{std::vector<int64_t>(d, 1), std::vector<int64_t>(d, 0), std::vector<int64_t>(d, 1), g,
-                      PaddingMode::Zeros};
-    z = conv_nd(x, w1, {}, unit);
+    z = conv_nd(x, w1, {}, pointwise_geometry(d, g));
   }
   // 2) grouped core conv with the base's stride/padding/dilation (padding modes commute with the
   //    pointwise step 1, so padding z equals padding x). With U_out, each group gets all r_0

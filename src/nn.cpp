@@ -354,8 +354,8 @@ template <size_t D>
 torch::Tensor ConvImpl<D>::forward(const torch::Tensor& x) {
   auto a = live_adapter();
   if (!a) return F::conv_nd(x, weight, bias, geo_);
-  const bool grads = torch::GradMode::is_enabled() && a->parameters().size() > 0 &&
-                     a->parameters().front().requires_grad();
+  const auto params = a->parameters();
+  const bool grads = torch::GradMode::is_enabled() && !params.empty() && params.front().requires_grad();
   const auto costs = path_costs(x.sizes().vec(), grads, x.requires_grad());
   last_path_ = costs.choice;
   const bool drop = is_training() && a->spec().dropout > 0.0;
