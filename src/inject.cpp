@@ -72,47 +72,78 @@ void freeze_base(torch::nn::Module& model) {
   }
 }
 
+std::vector<std::pair<std::string, nn::AdaptableLayer*>> adaptable_layers(const torch::nn::Module& model) {
+  std::vector<std::pair<std::string, nn::AdaptableLayer*>> out;
+  for (const auto& item : model.named_modules("", /*include_self=*/false)) {
+    const std::string& name = item.key();
+    if (name.find(".adapters") != std::string::npos || name.rfind("adapters", 0) == 0) continue;  // our own
+    if (auto* l = dynamic_cast<nn::AdaptableLayer*>(item.value().get())) out.emplace_back(name, l);
+  }
+  return out;
+}
+
 InjectionReport inject_adapters(torch::nn::Module& model, const InjectOptions& o) {
+  if (!o.targets.parameters.empty())
+    throw InvalidArgument("target_parameters are for TorchScript models (hint: in a native model, hold the tensor in a "
+                          "flora::nn::ParameterAdapter and target that module by name)");
+  // Module names as PyTorch spells them ("layer1.0.conv1"); the root has an empty name.
+  std::vector<TargetCandidate> candidates;
+  for (const auto& item : model.named_modules("", /*include_self=*/false)) {
+    const std::string& name = item.key();
+    if (name.find(".adapters") != std::string::npos || name.rfind("adapters", 0) == 0) continue;  // our own
+    auto* layer = dynamic_cast<nn::AdaptableLayer*>(item.value().get());
+    if (!layer && !item.value()->children().empty()) continue;  // containers are not targets
+    TargetCandidate c;
+    c.name = name;
+    c.layer = layer;
+    c.linear = dynamic_cast<nn::LinearImpl*>(item.value().get()) || dynamic_cast<torch::nn::LinearImpl*>(item.value().get());
+    if (!layer)
+      c.skip_reason = is_torch_layer(*item.value())
+                          ? "a torch::nn layer: build the model with flora::nn layers (drop-in, same names)"
+                          : "not an adaptable layer (" + item.value()->name() + ")";
+    candidates.push_back(std::move(c));
+  }
+  auto report = inject_candidates(candidates, o);
+  if (o.freeze_base) freeze_base(model);
+  return report;
+}
+
+InjectionReport inject_candidates(const std::vector<TargetCandidate>& candidates, const InjectOptions& o) {
   const auto& sel = o.targets;
-  if (sel.names.empty() && sel.regex.empty() && !sel.all_linear)
-    throw InvalidArgument("no targets given (hint: name modules, give a regex, or use all-linear)");
+  if (sel.empty())
+    throw InvalidArgument("no targets given (hint: name modules, give a regex, use all-linear, or name parameters)");
   const std::regex target_re = sel.regex.empty() ? std::regex() : compile(sel.regex, "target regex");
   std::vector<std::pair<std::regex, std::vector<int64_t>>> ranks;
   for (const auto& [p, r] : o.rank_pattern) ranks.emplace_back(compile(p, "rank_pattern"), r);
   std::vector<std::pair<std::regex, double>> scales;
   for (const auto& [p, s] : o.scale_pattern) scales.emplace_back(compile(p, "scale_pattern"), s);
 
-  // Module names as PyTorch spells them ("layer1.0.conv1"); the root has an empty name.
-  auto modules = model.named_modules("", /*include_self=*/false);
   std::string output_head;
   if (sel.all_linear)
-    for (const auto& item : modules)
-      if (dynamic_cast<nn::LinearImpl*>(item.value().get()) || dynamic_cast<torch::nn::LinearImpl*>(item.value().get()))
-        output_head = item.key();
+    for (const auto& c : candidates)
+      if (c.linear) output_head = c.name;
 
   InjectionReport report;
-  for (const auto& item : modules) {
-    const std::string& name = item.key();
-    if (name.find(".adapters") != std::string::npos || name.rfind("adapters", 0) == 0) continue;  // our own
-    auto* layer = dynamic_cast<nn::AdaptableLayer*>(item.value().get());
-    const bool is_linear = dynamic_cast<nn::LinearImpl*>(item.value().get()) != nullptr;
+  for (const auto& c : candidates) {
+    const std::string& name = c.name;
     bool selected = false;
-    if (!sel.regex.empty()) selected = std::regex_match(name, target_re);
-    else if (!sel.names.empty()) selected = name_matches(name, sel.names);
-    if (sel.all_linear && is_linear && name != output_head) selected = true;
+    if (c.is_parameter) {
+      selected = name_matches(name, sel.parameters);
+    } else {
+      if (!sel.regex.empty()) selected = std::regex_match(name, target_re);
+      else if (!sel.names.empty()) selected = name_matches(name, sel.names);
+      if (sel.all_linear && c.linear && name != output_head) selected = true;
+    }
     if (!selected) continue;
     if (name_matches(name, sel.exclude)) {
       report.skipped.push_back({name, "excluded"});
       continue;
     }
-    if (!layer) {
-      if (!item.value()->children().empty()) continue;  // containers are not targets
-      report.skipped.push_back({name, is_torch_layer(*item.value())
-                                          ? "a torch::nn layer: build the model with flora::nn layers (drop-in, same names)"
-                                          : "not an adaptable layer (" + item.value()->name() + ")"});
+    if (!c.layer) {
+      report.skipped.push_back({name, c.skip_reason});
       continue;
     }
-    const auto target = layer->target_info();
+    const auto target = c.layer->target_info();
     if (!sel.kinds.empty() && std::find(sel.kinds.begin(), sel.kinds.end(), target.kind) == sel.kinds.end()) {
       report.skipped.push_back({name, "type " + to_string(target.kind) + " is filtered out"});
       continue;
@@ -132,8 +163,8 @@ InjectionReport inject_adapters(torch::nn::Module& model, const InjectOptions& o
         if (opt.method() == Method::Lora) opt.alpha(s);
         else opt.scale(s);
       }
-    layer->set_layer_name(name);
-    auto adapter = layer->add_adapter(o.adapter_name, opt);
+    c.layer->set_layer_name(name);
+    auto adapter = c.layer->add_adapter(o.adapter_name, opt);
     const auto& spec = adapter->spec();
     report.adapted.push_back({name, to_string(target.kind), target.shape, spec.ranks,
                               target.kind == LayerKind::Conv
@@ -145,9 +176,8 @@ InjectionReport inject_adapters(torch::nn::Module& model, const InjectOptions& o
     std::string why;
     for (const auto& s : report.skipped) why += " " + s.name + " (" + s.reason + ");";
     throw InvalidArgument("no module was adapted" + (why.empty() ? std::string(": no module name matched the targets") : ":" + why) +
-                          " (hint: module names look like 'layer1.0.conv1'; list them with named_modules())");
+                          " (hint: module names look like 'layer1.0.conv1'; `flora inspect` lists them)");
   }
-  if (o.freeze_base) freeze_base(model);
   return report;
 }
 

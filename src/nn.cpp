@@ -427,8 +427,12 @@ void EmbeddingImpl::pretty_print(std::ostream& os) const {
 // ---------------------------------------------------------------------------------------------
 // ParameterAdapter
 
-ParameterAdapterImpl::ParameterAdapterImpl(torch::Tensor base, std::string name) : AdaptableLayer(std::move(name)) {
+ParameterAdapterImpl::ParameterAdapterImpl(torch::Tensor base, std::string name, LayerKind kind, int64_t groups)
+    : AdaptableLayer(std::move(name)), kind_(kind), groups_(groups) {
   if (!base.defined()) throw InvalidArgument("ParameterAdapter '" + layer_name() + "': the base tensor is undefined");
+  if (groups < 1 || (kind == LayerKind::Conv && base.dim() >= 1 && base.size(0) % groups != 0))
+    throw InvalidArgument("ParameterAdapter '" + layer_name() + "': groups " + std::to_string(groups) + " do not divide " +
+                          std::to_string(base.dim() >= 1 ? base.size(0) : 0) + " output channels");
   register_base(std::move(base), {});
 }
 
@@ -438,7 +442,7 @@ torch::Tensor ParameterAdapterImpl::forward() {
 }
 
 TargetInfo ParameterAdapterImpl::target_info() const {
-  return {layer_name(), LayerKind::Parameter, weight.sizes().vec(), 1};
+  return {layer_name(), kind_, weight.sizes().vec(), groups_};
 }
 
 void ParameterAdapterImpl::pretty_print(std::ostream& os) const {

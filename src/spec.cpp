@@ -180,7 +180,7 @@ AdapterSpec resolve_spec(const AdapterOptions& o, const TargetInfo& t) {
     const int64_t max_rank = std::min(t.shape[0], product(t.shape, 1));
     int64_t r = o.rank();
     if (r < 1) fail(t, "LoRA rank " + std::to_string(r) + " is invalid, expected >= 1", "");
-    if (r > max_rank) {
+    if (r > max_rank && !o.allow_redundant_ranks()) {
       if (!o.clip_ranks())
         fail(t, "LoRA rank " + std::to_string(r) + " exceeds min(" + mode_name(t, 0) + ", fan_in) = " +
                     std::to_string(max_rank), "a larger rank cannot raise the update's rank; lower it");
@@ -222,7 +222,7 @@ AdapterSpec resolve_spec(const AdapterOptions& o, const TargetInfo& t) {
     if (r < 1)
       fail(t, "rank " + std::to_string(r) + " for mode " + std::to_string(n) + " (" + mode_name(t, n) +
                   ") is invalid, expected >= 1", "mark the mode identity to leave it unfactored");
-    if (r > t.shape[n]) {
+    if (r > t.shape[n] && !o.allow_redundant_ranks()) {
       if (!automatic && !o.clip_ranks())
         fail(t, "rank " + std::to_string(r) + " for mode " + std::to_string(n) + " (" + mode_name(t, n) +
                     ") exceeds its size " + std::to_string(t.shape[n]),

@@ -24,6 +24,9 @@
 #include "flora/spec.h"
 
 namespace flora {
+namespace nn {
+class AdaptableLayer;
+}
 
 struct TargetSelector {
   /// Exact module names or dotted suffixes ("conv1" matches "layer1.0.conv1").
@@ -36,6 +39,11 @@ struct TargetSelector {
   std::vector<LayerKind> kinds;
   /// Names (exact or dotted suffix) never adapted.
   std::vector<std::string> exclude;
+  /// Parameters other than a layer's `weight`, by full dotted name or dotted suffix
+  /// ("in_proj_weight", "encoder.pos_embedding"): PEFT's target_parameters. TorchScript models
+  /// (flora::ScriptModel) adapt any parameter; native models place a flora::nn::ParameterAdapter.
+  std::vector<std::string> parameters;
+  bool empty() const { return names.empty() && regex.empty() && !all_linear && parameters.empty(); }
 };
 
 struct InjectOptions {
@@ -74,6 +82,25 @@ bool name_matches(const std::string& name, const std::vector<std::string>& list)
 
 /// Adds adapter `options.adapter_name` to every selected flora::nn layer of `model`.
 InjectionReport inject_adapters(torch::nn::Module& model, const InjectOptions& options);
+
+/// One module (or, for target_parameters, one parameter) a model offers for adaptation, in the
+/// model's module order. `layer` is null for a leaf that cannot carry an adapter; `skip_reason`
+/// then says why. `linear` marks Linear layers (for all-linear); `is_parameter` marks entries
+/// selected by TargetSelector::parameters.
+struct TargetCandidate {
+  std::string name;
+  nn::AdaptableLayer* layer = nullptr;
+  std::string skip_reason;
+  bool linear = false;
+  bool is_parameter = false;
+};
+
+/// The selection and reporting core shared by native and TorchScript models: applies `options`
+/// to `candidates` and adds adapters to the selected layers. Does not freeze anything.
+InjectionReport inject_candidates(const std::vector<TargetCandidate>& candidates, const InjectOptions& options);
+
+/// The model's flora::nn layers by module name (named_modules order), adapter containers excluded.
+std::vector<std::pair<std::string, nn::AdaptableLayer*>> adaptable_layers(const torch::nn::Module& model);
 
 /// Marks every parameter not inside an adapter (no ".adapters." in its name) frozen.
 void freeze_base(torch::nn::Module& model);

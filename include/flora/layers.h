@@ -177,11 +177,17 @@ TORCH_MODULE(Embedding);
 /// returns W0 + dW, the tensor the owning computation should use.
 class ParameterAdapterImpl : public AdaptableLayer {
  public:
-  /// `base` is shared, not copied; `name` appears in messages.
-  ParameterAdapterImpl(torch::Tensor base, std::string name);
+  /// `base` is shared, not copied; `name` appears in messages. `kind` and `groups` describe the
+  /// layer that owns the tensor when it is a layer's weight (a TorchScript Conv2d's, say): they
+  /// select the initialization and the export layout; the default is a plain parameter.
+  ParameterAdapterImpl(torch::Tensor base, std::string name, LayerKind kind = LayerKind::Parameter, int64_t groups = 1);
   torch::Tensor forward();
   TargetInfo target_info() const override;
   void pretty_print(std::ostream& stream) const override;
+
+ private:
+  LayerKind kind_;
+  int64_t groups_;
 };
 TORCH_MODULE(ParameterAdapter);
 

@@ -122,6 +122,10 @@ struct AdapterOptions {
   FLORA_ARG(ConvPath, conv_path) = ConvPath::Auto;
   /// Clip ranks larger than their mode to the mode size (and record a note) instead of failing.
   FLORA_ARG(bool, clip_ranks) = false;
+  /// Accept ranks above the mode size (FLoRA) or min(out, fan_in) (LoRA) as given: they cannot
+  /// raise the update's rank, but saved adapters may have them (PEFT's grouped-conv layout
+  /// repeats lora_A per group). Loading sets it.
+  FLORA_ARG(bool, allow_redundant_ranks) = false;
 };
 
 /// The weight an adapter is built for.

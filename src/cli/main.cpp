@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -176,10 +177,13 @@ void add_doctor(CLI::App& app, std::function<int()>& run) {
 // flora inspect
 
 int run_inspect(const std::string& path, bool json) {
+  if (std::filesystem::is_directory(path)) return flora::cli::inspect_adapter(path, json);
   const bool is_safetensors = path.size() >= 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0;
+  const bool is_script = path.size() >= 3 && path.compare(path.size() - 3, 3, ".pt") == 0;
+  if (is_script) return flora::cli::inspect_script(path, json);
   if (!is_safetensors)
-    throw flora::InvalidArgument("inspect reads .safetensors files; '" + path +
-                                 "' is not one (adapter directories and TorchScript models come with issue [B])");
+    throw flora::InvalidArgument("inspect reads a .safetensors file, an adapter directory or a TorchScript .pt model; '" +
+                                 path + "' is none of these");
   flora::io::SafetensorsFile f(path);
   int64_t total = 0;
   uint64_t bytes = 0;
@@ -210,8 +214,9 @@ int run_inspect(const std::string& path, bool json) {
 void add_inspect(CLI::App& app, std::function<int()>& run) {
   auto path = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
-  auto* c = app.add_subcommand("inspect", "List the tensors of a .safetensors file (name, dtype, shape, count)");
-  c->add_option("file", *path, "A .safetensors file")->required();
+  auto* c = app.add_subcommand("inspect", "List the tensors of a .safetensors file, an adapter directory's modules, "
+                                          "or a TorchScript model's parameters (name, dtype, shape, count) with totals");
+  c->add_option("path", *path, "FILE.safetensors, ADAPTER_DIR or MODEL.pt")->required();
   c->add_flag("--json", *json, "Print one JSON object");
   c->callback([path, json, &run] { run = [path, json] { return run_inspect(*path, *json); }; });
 }
@@ -219,7 +224,7 @@ void add_inspect(CLI::App& app, std::function<int()>& run) {
 // ---------------------------------------------------------------------------------------------
 
 using Adder = void (*)(CLI::App&, std::function<int()>&);
-const Adder kCommands[] = {add_params, add_inspect, add_doctor, flora::cli::add_demo};
+const Adder kCommands[] = {add_params, add_inspect, flora::cli::add_adapter_commands, add_doctor, flora::cli::add_demo};
 
 }  // namespace
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end checks of the command line: `flora params` (the seed's worked numbers, --json, error
-# exits) and `flora inspect` on safetensors files written by an independent Python writer.
+# exits), `flora inspect` on safetensors files written by an independent Python writer, and the
+# error paths of inspect / merge / export (their successful runs are in tests/interop).
 # Usage: test_cli.sh PATH/TO/flora
 set -u
 flora=$1
@@ -59,7 +60,23 @@ else
   echo "inspect checks skipped: /usr/bin/python3 has no torch"
 fi
 check "inspect missing"   1 "cannot open"            -- inspect "$tmp/none.safetensors"
-check "inspect not st"    2 "reads .safetensors"     -- inspect model.pt
+check "inspect other"     2 "is none of these"       -- inspect notes.txt
+check "inspect no model"  1 "no such file"           -- inspect "$tmp/none.pt"
+echo "not a zip" > "$tmp/bad.pt"
+check "inspect bad model" 1 "not a loadable TorchScript archive" -- inspect "$tmp/bad.pt"
+mkdir -p "$tmp/empty_adapter"
+check "inspect bad dir"   1 "missing adapter_config.json" -- inspect "$tmp/empty_adapter"
+
+# merge / export: validation happens before any work (the PyTorch round trips are ctest's interop)
+check "merge out ext"     2 "must end in .pt"        -- merge --model m.pt --adapter "$tmp/empty_adapter" --out merged.bin
+check "merge model ext"   2 "not a TorchScript file" -- merge --model resnet99 --adapter "$tmp/empty_adapter" --out m.pt
+check "merge out dir"     2 "does not exist"         -- merge --model m.pt --adapter "$tmp/empty_adapter" --out "$tmp/no/m.pt"
+check "merge bad adapter" 1 "missing adapter_config.json" -- merge --model m.pt --adapter "$tmp/empty_adapter" --out "$tmp/m.pt"
+check "merge needs args"  2 "--adapter"              -- merge --model m.pt
+check "export format"     2 "export format 'gguf' is unknown" -- export --adapter "$tmp/empty_adapter" --format gguf --out x
+check "export bad dir"    1 "missing adapter_config.json" -- export --adapter "$tmp/empty_adapter" --format lycoris --out "$tmp/x.safetensors"
+check "export help"       0 "peft-lora"              -- export --help
+[[ ! -e "$tmp/m.pt" && ! -e "$tmp/x.safetensors" ]] || { echo "FAIL: a failed command left output"; fail=$((fail + 1)); }
 
 echo "cli: $pass passed, $fail failed"
 [[ $fail -eq 0 ]]
