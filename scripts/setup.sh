@@ -7,6 +7,7 @@ packages=(
   build-essential cmake ninja-build ccache
   libtorch-dev libopenblas0-pthread      # LibTorch 1.13 (CPU); OpenBLAS: ~30x faster GEMM than reference BLAS
   nlohmann-json3-dev libcli11-dev        # JSON, command line
+  libyaml-cpp-dev libstb-dev             # trainer configs; image decoding (PNG, JPEG, BMP)
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   python3-torch                          # tests only: independent reference values
   clang-14 libfuzzer-14-dev libclang-rt-14-dev  # tests only: the safetensors fuzz target

@@ -163,6 +163,7 @@ InjectionReport inject_candidates(const std::vector<TargetCandidate>& candidates
         if (opt.method() == Method::Lora) opt.alpha(s);
         else opt.scale(s);
       }
+    if (o.per_layer) o.per_layer(target, opt);
     c.layer->set_layer_name(name);
     auto adapter = c.layer->add_adapter(o.adapter_name, opt);
     const auto& spec = adapter->spec();

@@ -17,6 +17,7 @@
 
 #include <torch/nn/module.h>
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -55,6 +56,9 @@ struct InjectOptions {
   /// Full regex on the module name -> FLoRA scale or LoRA alpha.
   std::vector<std::pair<std::string, double>> scale_pattern;
   std::string adapter_name = "default";
+  /// Optional last word per layer, after the patterns (e.g. map one rank list onto layers of
+  /// different orders).
+  std::function<void(const TargetInfo&, AdapterOptions&)> per_layer;
   /// Freeze every parameter that is not an adapter's (PEFT's behaviour).
   bool freeze_base = true;
 };

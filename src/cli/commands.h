@@ -11,6 +11,8 @@ class App;
 namespace flora {
 namespace cli {
 void add_demo(CLI::App& app, std::function<int()>& run);
+/// train, eval and forward.
+void add_train_commands(CLI::App& app, std::function<int()>& run);
 /// merge and export.
 void add_adapter_commands(CLI::App& app, std::function<int()>& run);
 /// inspect for an adapter directory / a TorchScript model (main.cpp handles .safetensors files).

@@ -1,0 +1,68 @@
+// flora/model.h: one interface over the models the trainer and the command line work with:
+// TorchScript files (flora::ScriptModel) and native architectures built from flora::nn layers
+// (a registry by name; issue [D] adds the torchvision families).
+//
+// Usage:
+//   auto m = flora::open_model("model.pt");         // or an architecture name: "smallcnn"
+//   m->set_num_classes(10, /*seed=*/0);             // new classifier head (trained fully)
+//   m->inject(options);                             // adapters; base frozen
+//   auto logits = m->forward(x);
+#pragma once
+
+#include <torch/types.h>
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "flora/inject.h"
+#include "flora/io/adapter_dir.h"
+
+namespace flora {
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  virtual torch::Tensor forward(const torch::Tensor& x) = 0;
+  /// Training mode for dropout etc.; BatchNorm layers stay in eval mode (frozen statistics)
+  /// unless `update_batchnorm`.
+  virtual void train(bool on, bool update_batchnorm = false) = 0;
+  virtual InjectionReport inject(const InjectOptions& options) = 0;
+  /// Adaptable layers by PyTorch name (for adapter directories).
+  virtual io::NamedLayers layers() const = 0;
+  /// Every parameter of the base model by PyTorch name (adapter tensors excluded).
+  virtual std::vector<std::pair<std::string, torch::Tensor>> named_parameters() const = 0;
+  /// Adapter parameters by name ("<layer>.<adapter>.<tensor>") for checkpoints.
+  std::vector<std::pair<std::string, torch::Tensor>> adapter_parameters(const std::string& adapter_name = "default") const;
+  /// Parameters and buffers under their PyTorch names, adapters merged if merged.
+  virtual std::vector<std::pair<std::string, torch::Tensor>> state_dict() const = 0;
+  /// Loads tensors by name (strict: every name must exist with its shape; lists all problems).
+  void load_state(const std::vector<std::pair<std::string, torch::Tensor>>& tensors, bool strict);
+  /// The classifier head: the last Linear in module order.
+  std::string head_name() const;
+  /// Re-initializes the head for `num_classes` outputs (PyTorch's Linear init) and makes it trainable.
+  void set_num_classes(int64_t num_classes, uint64_t seed);
+  /// Marks every parameter of the named modules (exact or dotted suffix) trainable.
+  std::vector<std::string> train_modules(const std::vector<std::string>& names);
+  /// Every parameter trainable (full fine-tuning).
+  void unfreeze_all();
+  /// Trainable tensors: adapters, plus base parameters made trainable.
+  std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters() const;
+  virtual void merge() = 0;
+  /// Writes the model with adapters merged: TorchScript (.pt, TorchScript models only) or the
+  /// state dict (.safetensors).
+  virtual void save_merged(const std::string& path) = 0;
+  virtual void to(const torch::Device& device) = 0;
+  const std::string& source() const { return source_; }
+
+ protected:
+  std::string source_;
+};
+
+/// A TorchScript file (.pt) or a registered architecture name; errors list the known names.
+std::unique_ptr<Model> open_model(const std::string& name_or_path);
+/// The registered native architecture names.
+std::vector<std::string> architectures();
+
+}  // namespace flora
