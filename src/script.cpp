@@ -5,6 +5,7 @@
 #include <torch/csrc/jit/passes/inliner.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <functional>
 #include <sstream>
@@ -171,8 +172,7 @@ torch::jit::IValue ScriptModel::forward(std::vector<torch::jit::IValue> inputs) 
     }
   } restore;
   for (auto& t : targets_) {
-    if (t.layer->adapter_names().empty()) continue;
-    auto w = as_parameter_adapter(t.layer).forward();
+    auto w = as_parameter_adapter(t.layer).forward();  // W0 itself when no adapter is live
     if (w.unsafeGetTensorImpl() == t.layer->weight.unsafeGetTensorImpl()) continue;
     t.owner.setattr(t.attribute, w);
     restore.swapped.push_back(&t);
@@ -205,20 +205,6 @@ std::vector<torch::Tensor> ScriptModel::trainable_parameters() const {
   return out;
 }
 
-std::pair<int64_t, int64_t> ScriptModel::parameter_counts() const {
-  int64_t trainable = 0, all = 0;
-  std::unordered_set<const void*> seen;
-  auto add = [&](const torch::Tensor& p) {
-    if (!seen.insert(p.unsafeGetTensorImpl()).second) return;
-    all += p.numel();
-    if (p.requires_grad()) trainable += p.numel();
-  };
-  for (const auto& p : module_.parameters(/*recurse=*/true)) add(p);
-  for (const auto& t : targets_)
-    for (const auto& p : t.layer->parameters()) add(p);
-  return {trainable, all};
-}
-
 void ScriptModel::train(bool on) {
   module_.train(on);
   for (auto& t : targets_) t.layer->train(on);
@@ -234,9 +220,8 @@ void ScriptModel::to(const torch::Device& device) {
 void ScriptModel::merge(const std::string& adapter_name) {
   int merged = 0;
   for (auto& t : targets_) {
-    const auto names = t.layer->adapter_names();
     const std::string key = adapter_name.empty() ? t.layer->active_adapter() : adapter_name;
-    if (key.empty() || std::find(names.begin(), names.end(), key) == names.end()) continue;
+    if (key.empty() || !t.layer->has_adapter(key)) continue;
     t.layer->merge(key);
     ++merged;
   }

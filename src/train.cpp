@@ -211,9 +211,10 @@ State load_checkpoint(const fs::path& path, Optim& o, const TrainConfig& c) {
 
 class Progress {
  public:
-  Progress(int64_t total, int64_t log_every) : total_(total), every_(log_every), tty_(::isatty(2)) {}
+  Progress(int64_t total, int64_t log_every, double images_per_step)
+      : total_(total), every_(log_every), tty_(::isatty(2)), images_per_step_(images_per_step) {}
   void update(int64_t step, int64_t epoch, int64_t epochs, double loss, double rate) {
-    const double eta = rate > 0 ? (total_ - step) * last_batch_ / rate : 0;
+    const double eta = rate > 0 ? (total_ - step) * images_per_step_ / rate : 0;
     char line[256];
     std::snprintf(line, sizeof line, "epoch %lld/%lld  step %lld/%lld  loss %.4f  %.1f img/s  ETA %02d:%02d",
                   (long long)epoch + 1, (long long)epochs, (long long)step, (long long)total_, loss, rate,
@@ -226,7 +227,6 @@ class Progress {
       std::fprintf(stderr, "%s\n", line);
     }
   }
-  void set_batch(int64_t b) { last_batch_ = double(b); }
   void newline() {
     if (tty_) std::fprintf(stderr, "\n");
   }
@@ -234,7 +234,7 @@ class Progress {
  private:
   int64_t total_, every_;
   bool tty_;
-  double last_batch_ = 1;
+  double images_per_step_;
 };
 
 void write_report(const fs::path& dir, const TrainConfig& c) {
@@ -560,8 +560,7 @@ int run_training(const TrainConfig& c) {
   }
   int64_t all = 0;
   for (auto& [n, p] : model->named_parameters()) all += p.numel();
-  for (auto& [n, p] : opt.params)
-    if (n.find(".default.") != std::string::npos) all += p.numel();
+  for (auto& [n, p] : model->adapter_parameters()) all += p.numel();
   std::cerr << nn::format_summary({trainable, all}) << "\n";
 
   fs::create_directories(ckpt_dir);
@@ -630,7 +629,7 @@ int run_training(const TrainConfig& c) {
     }
   };
 
-  Progress progress(total, c.log_every);
+  Progress progress(total, c.log_every, static_cast<double>(c.batch_size * c.grad_accum));
   double window_loss = 0, window_images = 0;
   auto window_start = std::chrono::steady_clock::now();
   for (int64_t epoch = st.epoch; epoch < epochs && st.step < total; ++epoch) {
@@ -660,9 +659,9 @@ int run_training(const TrainConfig& c) {
       std::vector<torch::Tensor> grads;
       for (auto& [n, p] : opt.params) grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
       if (c.clip_grad > 0) {
-        double norm2 = 0;
-        for (auto& g : grads) norm2 += g.pow(2).sum().item<double>();
-        const double norm = std::sqrt(norm2);
+        auto norm2 = torch::zeros({}, torch::kFloat64);
+        for (auto& g : grads) norm2 += g.pow(2).sum().to(torch::kFloat64);
+        const double norm = std::sqrt(norm2.item<double>());
         if (norm > c.clip_grad)
           for (auto& g : grads) g.mul_(c.clip_grad / (norm + 1e-6));
       }
@@ -675,7 +674,6 @@ int run_training(const TrainConfig& c) {
       st.batch = micro;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
       const double rate = window_images / std::max(secs, 1e-9);
-      progress.set_batch(static_cast<double>(c.batch_size * c.grad_accum));
       progress.update(st.step, epoch, epochs, window_loss / std::max(1.0, window_images), rate);
       if (st.step % c.log_every == 0 || st.step == total) {
         append_line(out / "metrics.jsonl", {{"type", "train"}, {"step", st.step}, {"epoch", epoch + 1}, {"loss", window_loss / window_images},

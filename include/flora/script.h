@@ -57,8 +57,6 @@ class ScriptModel {
 
   /// The adapters' trainable parameters (plus base parameters the caller unfroze).
   std::vector<torch::Tensor> trainable_parameters() const;
-  /// Trainable and total parameter counts (tied tensors once), for format_summary.
-  std::pair<int64_t, int64_t> parameter_counts() const;
 
   void train(bool on = true);
   bool is_training() const;
