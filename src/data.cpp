@@ -11,6 +11,7 @@
 #include <random>
 #include <thread>
 
+#include "flora/procedural.h"
 #include "flora/spec.h"
 #include "stb_image_c.h"
 
@@ -161,6 +162,38 @@ Dataset load_image_folder(const std::string& dir, int64_t size, int threads) {
   return d;
 }
 
+// "procedural:TASK[:N]": N training samples (default 5000), max(500, N / 5) validation samples.
+Dataset load_procedural(const std::string& rest, Split split, int64_t size, int threads) {
+  const auto colon = rest.find(':');
+  const auto& task = procedural::task(rest.substr(0, colon));
+  int64_t n = 5000;
+  if (colon != std::string::npos) {
+    const std::string count = rest.substr(colon + 1);
+    char* end = nullptr;
+    n = std::strtoll(count.c_str(), &end, 10);
+    if (count.empty() || *end != '\0' || n < 10)
+      fail("procedural:" + rest, "sample count '" + count + "' is invalid (expected an integer >= 10)", "e.g. procedural:shapes:2000");
+  }
+  if (split == Split::Val) n = std::max<int64_t>(500, n / 5);
+  if (size <= 0) size = 32;
+  Dataset d;
+  d.classes = task.classes;
+  d.images = torch::empty({n, 3, size, size}, torch::kUInt8);
+  d.labels = torch::empty({n}, torch::kInt64);
+  auto* px = d.images.data_ptr<uint8_t>();
+  auto* lab = d.labels.data_ptr<int64_t>();
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t i; (i = next.fetch_add(1)) < n;)
+      lab[i] = procedural::render(task, split == Split::Train ? 0 : 1, i, size, px + i * 3 * size * size);
+  };
+  const int t = std::max(1, threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()));
+  std::vector<std::thread> pool;
+  for (int i = 0; i < t; ++i) pool.emplace_back(work);
+  for (auto& th : pool) th.join();
+  return d;
+}
+
 uint64_t mix(uint64_t a, uint64_t b) {  // splitmix64 of a combination: per-sample random streams
   uint64_t z = a * 0x9E3779B97F4A7C15ULL + b + 0x632BE59BD9B4E019ULL;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -173,12 +206,17 @@ uint64_t mix(uint64_t a, uint64_t b) {  // splitmix64 of a combination: per-samp
 Dataset load_dataset(const std::string& spec, Split split, int64_t image_size, int threads) {
   const auto colon = spec.find(':');
   if (colon == std::string::npos || colon + 1 == spec.size())
-    throw InvalidArgument("data '" + spec + "' has no KIND:DIR form (expected imagefolder:DIR, cifar10:DIR or mnist:DIR)");
+    throw InvalidArgument("data '" + spec + "' has no KIND:DIR form (expected imagefolder:DIR, cifar10:DIR, mnist:DIR or procedural:TASK)");
   const std::string kind = spec.substr(0, colon), dir = spec.substr(colon + 1);
   if (image_size < 0 || (kind == "imagefolder" && image_size == 0))
     throw InvalidArgument("image size " + std::to_string(image_size) + " is invalid (expected a positive number of pixels)");
+  if (kind == "procedural") {
+    Dataset d = load_procedural(dir, split, image_size, threads);
+    d.source = spec;
+    return d;
+  }
   if (kind != "imagefolder" && kind != "cifar10" && kind != "mnist")
-    throw InvalidArgument("data kind '" + kind + "' is unknown (expected imagefolder, cifar10 or mnist)");
+    throw InvalidArgument("data kind '" + kind + "' is unknown (expected imagefolder, cifar10, mnist or procedural)");
   if (!fs::is_directory(dir)) throw Error("data '" + spec + "': directory '" + dir + "' does not exist");
   Dataset d = kind == "imagefolder" ? load_image_folder(dir, image_size, threads)
               : kind == "cifar10"   ? load_cifar10(dir, split, image_size)

@@ -48,6 +48,11 @@ class ScriptBacked : public Model {
   }
   void to(const torch::Device& d) override { m_.to(d); }
 
+ protected:
+  std::vector<std::string> load_adapter_modules(const std::string& dir, const std::string& name) override {
+    return m_.load_adapter(dir, name);
+  }
+
  private:
   ScriptModel m_;
 };
@@ -94,18 +99,24 @@ class Native : public Model {
   }
   void to(const torch::Device& d) override { module_->to(d); }
 
+ protected:
+  std::vector<std::string> load_adapter_modules(const std::string& dir, const std::string& name) override {
+    return io::load_adapter(*module_, dir, name);
+  }
+
  private:
   std::shared_ptr<torch::nn::Module> module_;
   std::function<torch::Tensor(const torch::Tensor&)> fwd_;
 };
 
-// A small CNN for the demo and tests: three conv-BN-ReLU stages (the last two strided), global
-// average pooling and a linear head: features.{0,3,6} convs, features.{1,4,7} BatchNorms, fc.
+// A small CNN for the demo and tests: five conv-BN-ReLU stages (32, 64, 64, 128, 128 channels;
+// stride 2 in the 2nd, 4th and 5th: a 21-pixel receptive field), global average pooling and a
+// linear head: features.{0,3,...,12} convs, features.{1,4,...,13} BatchNorms, fc.
 struct SmallCnnImpl : torch::nn::Module {
   SmallCnnImpl() {
     torch::nn::Sequential f;
     int64_t in = 3;
-    for (auto [out, stride] : {std::pair<int64_t, int64_t>{32, 1}, {64, 2}, {128, 2}}) {
+    for (auto [out, stride] : {std::pair<int64_t, int64_t>{32, 1}, {64, 2}, {64, 1}, {128, 2}, {128, 2}}) {
       f->push_back(nn::Conv2d(torch::nn::Conv2dOptions(in, out, 3).stride(stride).padding(1).bias(false)));
       f->push_back(torch::nn::BatchNorm2d(out));
       f->push_back(torch::nn::ReLU());
@@ -190,6 +201,25 @@ void Model::load_state(const std::vector<std::pair<std::string, torch::Tensor>>&
   torch::NoGradGuard no_grad;
   for (const auto& [k, v] : tensors)
     if (own.count(k)) own[k].copy_(v.to(own[k].dtype()));
+}
+
+std::vector<std::string> Model::load_adapter_dir(const std::string& dir, const std::string& adapter_name) {
+  const auto trained = std::filesystem::path(dir) / "trained_modules.safetensors";
+  const bool has_adapter = std::filesystem::exists(std::filesystem::path(dir) / "adapter_config.json");
+  if (!std::filesystem::exists(trained) && !has_adapter)
+    throw InvalidArgument("'" + dir + "' holds neither adapter_config.json nor trained_modules.safetensors (hint: RUN_DIR/adapter)");
+  if (std::filesystem::exists(trained)) {
+    auto tensors = io::SafetensorsFile(trained.string()).load_all();
+    // a new head may have another class count than the base model's: adopt its shapes
+    std::map<std::string, torch::Tensor> own;
+    for (auto& [k, v] : named_parameters()) own[k] = v;
+    for (auto& [k, v] : tensors) {
+      auto it = own.find(k);
+      if (it != own.end() && it->second.sizes() != v.sizes()) it->second.set_data(torch::empty_like(v));
+    }
+    load_state(tensors, /*strict=*/false);
+  }
+  return has_adapter ? load_adapter_modules(dir, adapter_name) : std::vector<std::string>{};
 }
 
 std::string Model::head_name() const {

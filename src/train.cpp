@@ -17,12 +17,14 @@
 #include <iostream>
 #include <map>
 #include <sstream>
+#include <unordered_set>
 
 #include "flora/data.h"
 #include "flora/io/adapter_dir.h"
 #include "flora/io/safetensors.h"
 #include "flora/layers.h"
 #include "flora/model.h"
+#include "flora/procedural.h"
 
 namespace flora {
 namespace train {
@@ -131,9 +133,14 @@ bool one_of(const std::string& v, std::initializer_list<const char*> options) {
 
 void check_data_spec(const std::string& key, const std::string& spec) {
   const auto colon = spec.find(':');
-  if (colon == std::string::npos) bad_value(key, spec, "imagefolder:DIR, cifar10:DIR or mnist:DIR");
+  if (colon == std::string::npos) bad_value(key, spec, "imagefolder:DIR, cifar10:DIR, mnist:DIR or procedural:TASK");
   const std::string kind = spec.substr(0, colon), dir = spec.substr(colon + 1);
-  if (!one_of(kind, {"imagefolder", "cifar10", "mnist"})) bad_value(key, spec, "imagefolder:DIR, cifar10:DIR or mnist:DIR");
+  if (!one_of(kind, {"imagefolder", "cifar10", "mnist", "procedural"}))
+    bad_value(key, spec, "imagefolder:DIR, cifar10:DIR, mnist:DIR or procedural:TASK");
+  if (kind == "procedural") {
+    procedural::task(dir.substr(0, dir.find(':')));  // throws for an unknown task
+    return;
+  }
   if (!fs::is_directory(dir)) throw InvalidArgument("config key '" + key + "': directory '" + dir + "' does not exist");
 }
 
@@ -300,6 +307,12 @@ std::vector<std::string> config_keys() {
   std::vector<std::string> out;
   for (const auto& [k, v] : keys()) out.push_back(k);
   return out;
+}
+
+std::string config_value(const TrainConfig& c, const std::string& key) {
+  auto it = keys().find(normalize_key(key));
+  if (it == keys().end()) throw InvalidArgument("unknown config key '" + key + "'");
+  return it->second.get(c);
 }
 
 void apply_override(TrainConfig& c, const std::string& key_in, const std::string& value) {
@@ -486,6 +499,48 @@ std::string svg_chart(const std::string& title, const std::string& x_label,
   return s.str();
 }
 
+InjectionReport prepare_model(Model& model, const TrainConfig& c) {
+  InjectionReport report;
+  if (c.num_classes > 0) model.set_num_classes(c.num_classes, c.seed);
+  if (c.method == "flora" || c.method == "lora") {
+    InjectOptions o;
+    const bool flora = c.method == "flora";
+    o.adapter = AdapterOptions().method(flora ? Method::Flora : Method::Lora).rank(c.rank).spatial_rank(c.spatial_rank)
+                    .scale(c.scale).alpha(c.alpha).clip_ranks(true);
+    if (flora && !c.ranks.empty()) {
+      const auto ranks = c.ranks;
+      o.per_layer = [ranks](const TargetInfo& t, AdapterOptions& a) {
+        std::vector<int64_t> r(t.shape.size());
+        for (size_t n = 0; n < r.size(); ++n) r[n] = ranks[std::min(n, ranks.size() - 1)];
+        a.ranks(r);
+      };
+    }
+    const std::string head = model.head_name();
+    if (c.targets.empty()) {  // every conv and linear layer but the head
+      for (const auto& [name, layer] : model.layers()) {
+        const auto kind = layer->target_info().kind;
+        if ((kind == LayerKind::Conv || kind == LayerKind::Linear) && name != head) o.targets.names.push_back(name);
+      }
+      if (o.targets.names.empty()) throw InvalidArgument("model '" + c.model + "' has no conv or linear layer besides the head (hint: --targets)");
+    } else if (c.targets == "all-linear") {
+      o.targets.all_linear = true;
+    } else if (c.targets.find_first_of("*[]()|^$\\+?") != std::string::npos) {
+      o.targets.regex = c.targets;
+    } else {
+      o.targets.names = split_list(c.targets);
+    }
+    if (c.num_classes > 0) o.targets.exclude.push_back(head);
+    report = model.inject(o);
+  } else if (c.method == "full") {
+    model.unfreeze_all();
+  } else {  // frozen: only the head and the train modules below learn
+    for (auto& [name, p] : model.named_parameters()) p.requires_grad_(false);
+  }
+  if (c.num_classes > 0) model.train_modules({model.head_name()});  // inject froze it; trained fully
+  if (!c.train_modules.empty()) model.train_modules(c.train_modules);
+  return report;
+}
+
 int run_training(const TrainConfig& c) {
   c.validate();
   const fs::path out = c.out, ckpt_dir = out / "checkpoints", ckpt = ckpt_dir / "last.safetensors";
@@ -501,42 +556,8 @@ int run_training(const TrainConfig& c) {
     io::SafetensorsFile w(c.weights);
     model->load_state(w.load_all(), /*strict=*/true);
   }
-  if (c.num_classes > 0) model->set_num_classes(c.num_classes, c.seed);
-  if (c.method == "flora" || c.method == "lora") {
-    InjectOptions o;
-    const bool flora = c.method == "flora";
-    o.adapter = AdapterOptions().method(flora ? Method::Flora : Method::Lora).rank(c.rank).spatial_rank(c.spatial_rank)
-                    .scale(c.scale).alpha(c.alpha).clip_ranks(true);
-    if (flora && !c.ranks.empty()) {
-      const auto ranks = c.ranks;
-      o.per_layer = [ranks](const TargetInfo& t, AdapterOptions& a) {
-        std::vector<int64_t> r(t.shape.size());
-        for (size_t n = 0; n < r.size(); ++n) r[n] = ranks[std::min(n, ranks.size() - 1)];
-        a.ranks(r);
-      };
-    }
-    const std::string head = model->head_name();
-    if (c.targets.empty()) {  // every conv and linear layer but the head
-      for (const auto& [name, layer] : model->layers()) {
-        const auto kind = layer->target_info().kind;
-        if ((kind == LayerKind::Conv || kind == LayerKind::Linear) && name != head) o.targets.names.push_back(name);
-      }
-      if (o.targets.names.empty()) throw InvalidArgument("model '" + c.model + "' has no conv or linear layer besides the head (hint: --targets)");
-    } else if (c.targets == "all-linear") {
-      o.targets.all_linear = true;
-    } else if (c.targets.find_first_of("*[]()|^$\\+?") != std::string::npos) {
-      o.targets.regex = c.targets;
-    } else {
-      o.targets.names = split_list(c.targets);
-    }
-    if (c.num_classes > 0) o.targets.exclude.push_back(head);
-    const auto report = model->inject(o);
-    std::cerr << report.format();
-  } else if (c.method == "full") {
-    model->unfreeze_all();
-  }
-  if (c.num_classes > 0) model->train_modules({model->head_name()});  // inject froze it; trained fully
-  if (!c.train_modules.empty()) model->train_modules(c.train_modules);
+  const auto report = prepare_model(*model, c);
+  if (!report.adapted.empty()) std::cerr << report.format();
   const auto train_data = load_for(c.data, data::Split::Train, c.image_size, c.in_channels, c.workers);
   if (c.num_classes == 0 || c.num_classes < static_cast<int64_t>(train_data.classes.size())) {
     // the head must cover the labels: probe it once
@@ -609,8 +630,14 @@ int run_training(const TrainConfig& c) {
     if (c.method == "full" || c.method == "frozen" || c.num_classes > 0 || !c.train_modules.empty()) {
       // fully trained tensors (head, train modules, or everything): PEFT's modules_to_save role
       std::vector<std::pair<std::string, torch::Tensor>> t;
-      for (auto& [n, p] : model->named_parameters())
+      std::unordered_set<std::string> params;
+      for (auto& [n, p] : model->named_parameters()) {
+        params.insert(n);
         if (p.requires_grad()) t.emplace_back(n, p.detach());
+      }
+      if (c.update_batchnorm)  // the statistics were trained too: keep them with the weights
+        for (auto& [n, b] : model->state_dict())
+          if (!params.count(n)) t.emplace_back(n, b);
       fs::create_directories(dir);
       io::save_safetensors((dir / "trained_modules.safetensors").string(), t, {{"format", "pt"}});
     }

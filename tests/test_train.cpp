@@ -8,6 +8,8 @@
 #include <set>
 
 #include "flora/data.h"
+#include "flora/model.h"
+#include "flora/procedural.h"
 #include "flora/spec.h"
 #include "flora/train.h"
 #include "helpers.h"
@@ -120,4 +122,49 @@ TEST(Train, SvgChartScalesSeriesIntoTheFrame) {
   EXPECT_NE(svg.find("60,280"), std::string::npos);   // (0, 1): left, bottom
   EXPECT_NE(svg.find("620,30"), std::string::npos);   // (10, 3): right, top
   EXPECT_NE(flora::train::svg_chart("x", "s", {}).find("no data"), std::string::npos);
+}
+
+TEST(Train, ProceduralTasksAreDeterministicBalancedAndSplit) {
+  namespace P = flora::procedural;
+  for (const auto& task : P::tasks()) {
+    std::vector<uint8_t> a(3 * 24 * 24), b(a.size()), v(a.size());
+    for (int64_t i = 0; i < 20; ++i) {
+      EXPECT_EQ(P::render(task, 0, i, 24, a.data()), i % 10) << task.name;
+      P::render(task, 0, i, 24, b.data());
+      EXPECT_EQ(a, b) << task.name << " sample " << i << " is not a function of its index";
+      P::render(task, 1, i, 24, v.data());
+      EXPECT_NE(a, v) << task.name << ": the validation split repeats the training split";
+    }
+    EXPECT_EQ(task.classes.size(), 10u);
+  }
+  auto d = flora::data::load_dataset("procedural:glyphs:40", flora::data::Split::Train, 0, 2);
+  EXPECT_EQ(d.images.sizes(), (std::vector<int64_t>{40, 3, 32, 32}));
+  EXPECT_EQ(d.labels.bincount().min().item<int64_t>(), 4);
+  EXPECT_EQ(flora::data::load_dataset("procedural:glyphs:40", flora::data::Split::Val, 16, 1).images.sizes(),
+            (std::vector<int64_t>{500, 3, 16, 16}));
+  EXPECT_THROW(flora::data::load_dataset("procedural:faces", flora::data::Split::Train, 0), flora::InvalidArgument);
+  EXPECT_THROW(flora::data::load_dataset("procedural:shapes:ten", flora::data::Split::Train, 0), flora::Error);
+}
+
+TEST(Train, PrepareModelTrainsWhatTheMethodSays) {
+  // Counts against the spec's formula per layer, computed independently of the injection.
+  auto count = [](const std::string& method) {
+    auto c = flora::train::load_config("", {"model=smallcnn", "num_classes=7", "method=" + method, "ranks=8,8,2,2"});
+    auto m = flora::open_model("smallcnn");
+    const auto report = flora::train::prepare_model(*m, c);
+    int64_t trainable = 0;
+    for (const auto& [n, p] : m->trainable_parameters()) trainable += p.numel();
+    return std::make_pair(report.total_params(), trainable);
+  };
+  const int64_t head = 128 * 7 + 7;
+  int64_t flora_expected = 0;
+  for (auto shape : std::vector<std::vector<int64_t>>{{32, 3, 3, 3}, {64, 32, 3, 3}, {64, 64, 3, 3}, {128, 64, 3, 3}, {128, 128, 3, 3}})
+    flora_expected += flora::parameter_count(flora::resolve_spec(flora::AdapterOptions().ranks({8, 8, 2, 2}).clip_ranks(true),
+                                                                 {"conv", flora::LayerKind::Conv, shape, 1}));
+  EXPECT_EQ(count("flora"), std::make_pair(flora_expected, flora_expected + head));
+  EXPECT_EQ(count("frozen"), std::make_pair(int64_t{0}, head));
+  auto m = flora::open_model("smallcnn");
+  int64_t all = 0;
+  for (const auto& [n, p] : m->named_parameters()) all += p.numel();
+  EXPECT_EQ(count("full").second, all - (128 * 10 + 10) + head);
 }

@@ -39,7 +39,9 @@ enum class Split { Train, Val };
 /// "imagefolder:DIR" (DIR/<class>/*.png|jpg|jpeg|bmp, classes sorted by name, decoded in
 /// `threads` threads and resized to image_size), "cifar10:DIR" (data_batch_1..5.bin for Train,
 /// test_batch.bin for Val) or "mnist:DIR" (train-* / t10k-* IDX files). CIFAR and MNIST keep
-/// their size unless image_size differs. Errors name the file and what is wrong.
+/// their size unless image_size differs; "procedural:TASK[:N]" (flora/procedural.h: N training
+/// samples, default 5000, and max(500, N / 5) validation samples, 32 px unless image_size says
+/// otherwise). Errors name the file and what is wrong.
 Dataset load_dataset(const std::string& spec, Split split, int64_t image_size, int threads = 0);
 
 /// Per-channel mean and std: ImageNet's for 3 channels, MNIST's for 1.

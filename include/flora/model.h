@@ -49,6 +49,10 @@ class Model {
   void unfreeze_all();
   /// Trainable tensors: adapters, plus base parameters made trainable.
   std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters() const;
+  /// Applies a saved run's adapter directory: its fully trained tensors
+  /// (trained_modules.safetensors: a new head may change the class count) and its adapters
+  /// (adapter_config.json), either or both. Returns the adapted module names.
+  std::vector<std::string> load_adapter_dir(const std::string& dir, const std::string& adapter_name = "default");
   virtual void merge() = 0;
   /// Writes the model with adapters merged: TorchScript (.pt, TorchScript models only) or the
   /// state dict (.safetensors).
@@ -58,6 +62,8 @@ class Model {
 
  protected:
   std::string source_;
+  /// io::load_adapter on this model's layers (TorchScript models also create parameter targets).
+  virtual std::vector<std::string> load_adapter_modules(const std::string& dir, const std::string& adapter_name) = 0;
 };
 
 /// A TorchScript file (.pt) or a registered architecture name; errors list the known names.

@@ -19,6 +19,8 @@
 #include <utility>
 #include <vector>
 
+#include "flora/inject.h"
+
 namespace flora {
 class Model;
 namespace train {
@@ -68,6 +70,8 @@ struct TrainConfig {
 void apply_override(TrainConfig& c, const std::string& key, const std::string& value);
 /// A YAML file (flat map of the keys above), then the overrides in order.
 TrainConfig load_config(const std::string& yaml_path, const std::vector<std::string>& overrides);
+/// The value of `key` in `c` as it is written to config.yaml (for --help's defaults).
+std::string config_value(const TrainConfig& c, const std::string& key);
 /// Every accepted key, for --help and error messages.
 std::vector<std::string> config_keys();
 
@@ -87,6 +91,10 @@ struct EvalResult {
 EvalResult evaluate(Model& model, const std::string& data_spec, int64_t image_size, int64_t in_channels,
                     int64_t batch_size, int workers);
 
+/// Sets `model` up for the configured method: a new head (num_classes), adapters on the targets
+/// (flora, lora; base frozen), everything trainable (full), train_modules. Returns the injection
+/// report (empty without adapters). run_training calls it; so can anything that wants the counts.
+InjectionReport prepare_model(Model& model, const TrainConfig& config);
 /// Runs the configured training; returns the exit code (0 done, 130 interrupted with a
 /// checkpoint saved). Throws flora::Error for runtime failures (a NaN loss included).
 int run_training(const TrainConfig& config);

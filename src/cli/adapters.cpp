@@ -13,6 +13,7 @@
 #include "flora/io/adapter_dir.h"
 #include "flora/io/export.h"
 #include "flora/io/safetensors.h"
+#include "flora/model.h"
 #include "flora/script.h"
 
 namespace flora {
@@ -29,30 +30,30 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 // flora merge
 
 struct MergeArgs {
-  std::string model, adapter, out, adapter_name = "default";
+  std::string model, weights, adapter, out, adapter_name = "default";
 };
 
 int run_merge(const MergeArgs& a) {
   // Validate everything before loading anything heavy.
   if (!ends_with(a.out, ".pt") && !ends_with(a.out, ".safetensors"))
     throw InvalidArgument("--out '" + a.out + "' must end in .pt (a TorchScript model) or .safetensors (the merged state dict)");
-  if (!ends_with(a.model, ".pt"))
-    throw InvalidArgument("--model '" + a.model + "' is not a TorchScript file (.pt) (hint: native architectures such as "
-                          "resnet18 arrive with issue [D])");
+  if (ends_with(a.out, ".pt") && !ends_with(a.model, ".pt"))
+    throw InvalidArgument("--out '" + a.out + "': a native architecture (" + a.model +
+                          ") merges into a state dict (hint: --out merged.safetensors)");
   const auto parent = fs::path(a.out).parent_path();
   if (!parent.empty() && !fs::is_directory(parent))
     throw InvalidArgument("--out '" + a.out + "': the folder '" + parent.string() + "' does not exist");
-  io::read_adapter(a.adapter);  // the directory is valid before the model is loaded
+  if (!a.weights.empty() && !fs::is_regular_file(a.weights)) throw InvalidArgument("--weights '" + a.weights + "' does not exist");
+  if (ends_with(a.model, ".pt") && !fs::is_regular_file(a.model)) throw InvalidArgument("--model '" + a.model + "' does not exist");
+  if (!fs::exists(fs::path(a.adapter) / "adapter_config.json") && !fs::exists(fs::path(a.adapter) / "trained_modules.safetensors"))
+    throw InvalidArgument("--adapter '" + a.adapter + "' holds neither adapter_config.json nor trained_modules.safetensors (hint: RUN_DIR/adapter)");
+  if (fs::exists(fs::path(a.adapter) / "adapter_config.json")) io::read_adapter(a.adapter);  // valid before the model loads
 
-  auto model = ScriptModel::load(a.model);
-  model.train(false);
-  const auto modules = model.load_adapter(a.adapter, a.adapter_name);
-  model.merge(a.adapter_name);
-  if (ends_with(a.out, ".pt")) {
-    model.save(a.out);
-  } else {
-    io::save_safetensors(a.out, model.state_dict(), {{"format", "pt"}});
-  }
+  auto model = open_model(a.model);
+  if (!a.weights.empty()) model->load_state(io::SafetensorsFile(a.weights).load_all(), /*strict=*/true);
+  model->train(false);
+  const auto modules = model->load_adapter_dir(a.adapter, a.adapter_name);
+  model->save_merged(a.out);
   std::cout << "merged " << modules.size() << " adapted module(s) of '" << a.adapter << "' into '" << a.model << "' -> "
             << a.out << "\n";
   return 0;
@@ -60,10 +61,12 @@ int run_merge(const MergeArgs& a) {
 
 void add_merge(CLI::App& app, std::function<int()>& run) {
   auto a = std::make_shared<MergeArgs>();
-  auto* c = app.add_subcommand("merge", "Add an adapter into a model's weights and write the merged model");
-  c->add_option("--model", a->model, "TorchScript model (.pt) the adapter was trained on")->required();
-  c->add_option("--adapter", a->adapter, "Adapter directory (FLoRA or PEFT LoRA)")->required();
-  c->add_option("--out", a->out, "merged.pt (TorchScript, loads in PyTorch) or merged.safetensors (state dict, original names)")
+  auto* c = app.add_subcommand("merge", "Add an adapter (and a run's fully trained modules, e.g. a new head) into a model's "
+                                        "weights and write the merged model");
+  c->add_option("--model", a->model, "TorchScript model (.pt) or architecture name the adapter was trained on")->required();
+  c->add_option("--weights", a->weights, "Base weights (.safetensors state dict) for an architecture");
+  c->add_option("--adapter", a->adapter, "Adapter directory (FLoRA or PEFT LoRA; a run's RUN_DIR/adapter)")->required();
+  c->add_option("--out", a->out, "merged.pt (TorchScript models; loads in PyTorch) or merged.safetensors (state dict, original names)")
       ->required();
   c->add_option("--adapter-name", a->adapter_name, "Name given to the loaded adapter")->capture_default_str();
   c->callback([a, &run] { run = [a] { return run_merge(*a); }; });

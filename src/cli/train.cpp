@@ -31,7 +31,7 @@ struct Flag {
 const Flag kFlags[] = {
     {"model", "TorchScript model (M.pt) or an architecture name (smallcnn)"},
     {"weights", "Base weights (.safetensors state dict) for an architecture"},
-    {"data", "Training data: imagefolder:DIR, cifar10:DIR or mnist:DIR"},
+    {"data", "Training data: imagefolder:DIR, cifar10:DIR, mnist:DIR or procedural:TASK[:N] (shapes, glyphs, outlines)"},
     {"val_data", "Evaluation data (same forms), evaluated each epoch"},
     {"method", "flora, lora, full or frozen"},
     {"ranks", "FLoRA ranks per mode, e.g. 16,16,2,2 (the last one repeats for further modes)"},
@@ -100,7 +100,11 @@ void add_train(CLI::App& app, std::function<int()>& run) {
   auto options = std::make_shared<std::map<std::string, CLI::Option*>>();
   auto* c = app.add_subcommand("train", "Fine-tune a model: flora train [CONFIG.yaml] [--flags] [key=value ...]");
   c->add_option("args", a->positional, "A YAML config, then key=value overrides of any key below (with '_')");
-  for (const auto& f : kFlags) (*options)[f.key] = c->add_option(flag_name(f.key), a->flags[f.key], f.help);
+  const train::TrainConfig defaults;
+  for (const auto& f : kFlags) {
+    const std::string d = train::config_value(defaults, f.key);
+    (*options)[f.key] = c->add_option(flag_name(f.key), a->flags[f.key], std::string(f.help) + (d.empty() ? "" : " [default: " + d + "]"));
+  }
   auto* resume = c->add_flag("--resume", a->resume, "Continue from RUN_DIR/checkpoints/last.safetensors");
   c->footer("Writes RUN_DIR/adapter/, checkpoints/, metrics.jsonl, config.yaml and report.html. "
             "SIGINT/SIGTERM save a checkpoint and exit 130.");
@@ -115,24 +119,12 @@ struct EvalArgs {
 };
 
 std::unique_ptr<Model> prepare(const EvalArgs& a) {
-  if (!a.adapter.empty()) io::read_adapter(a.adapter);  // a bad directory fails before the model loads
+  if (!a.adapter.empty() && fs::exists(fs::path(a.adapter) / "adapter_config.json"))
+    io::read_adapter(a.adapter);  // a bad directory fails before the model loads
   auto model = open_model(a.model);
   if (!a.weights.empty()) model->load_state(io::SafetensorsFile(a.weights).load_all(), true);
   if (a.num_classes > 0) model->set_num_classes(a.num_classes, 0);
-  if (!a.adapter.empty()) {
-    const auto trained = fs::path(a.adapter) / "trained_modules.safetensors";
-    if (fs::exists(trained)) {
-      io::SafetensorsFile f(trained.string());
-      auto tensors = f.load_all();
-      // a new head may have another class count than the base model's: adopt its shapes
-      std::map<std::string, torch::Tensor> own;
-      for (auto& [k, v] : model->named_parameters()) own[k] = v;
-      for (auto& [k, v] : tensors)
-        if (own.count(k) && own[k].sizes() != v.sizes()) own[k].set_data(torch::empty_like(v));
-      model->load_state(tensors, /*strict=*/false);
-    }
-    if (fs::exists(fs::path(a.adapter) / "adapter_config.json")) io::load_adapter(model->layers(), a.adapter);
-  }
+  if (!a.adapter.empty()) model->load_adapter_dir(a.adapter);
   model->train(false);
   return model;
 }

@@ -69,9 +69,10 @@ check "inspect bad dir"   1 "missing adapter_config.json" -- inspect "$tmp/empty
 
 # merge / export: validation happens before any work (the PyTorch round trips are ctest's interop)
 check "merge out ext"     2 "must end in .pt"        -- merge --model m.pt --adapter "$tmp/empty_adapter" --out merged.bin
-check "merge model ext"   2 "not a TorchScript file" -- merge --model resnet99 --adapter "$tmp/empty_adapter" --out m.pt
+check "merge native pt"   2 "merges into a state dict" -- merge --model smallcnn --adapter "$tmp/empty_adapter" --out m.pt
+check "merge no model"    2 "does not exist"         -- merge --model "$tmp/none.pt" --adapter "$tmp/empty_adapter" --out m.safetensors
 check "merge out dir"     2 "does not exist"         -- merge --model m.pt --adapter "$tmp/empty_adapter" --out "$tmp/no/m.pt"
-check "merge bad adapter" 1 "missing adapter_config.json" -- merge --model m.pt --adapter "$tmp/empty_adapter" --out "$tmp/m.pt"
+check "merge bad adapter" 2 "holds neither"          -- merge --model smallcnn --adapter "$tmp/empty_adapter" --out "$tmp/m.safetensors"
 check "merge needs args"  2 "--adapter"              -- merge --model m.pt
 check "export format"     2 "export format 'gguf' is unknown" -- export --adapter "$tmp/empty_adapter" --format gguf --out x
 check "export bad dir"    1 "missing adapter_config.json" -- export --adapter "$tmp/empty_adapter" --format lycoris --out "$tmp/x.safetensors"

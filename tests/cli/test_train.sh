@@ -56,6 +56,24 @@ import os, sys; sys.path.insert(0, os.path.join(os.environ["HERE"], "..", "inter
 st.save("in.safetensors", {"input": torch.randn(2, 3, 16, 16)})'
 check "forward" 0 "output [2, 10]" -- forward --model smallcnn --adapter run_folder/adapter --input in.safetensors --output out.safetensors
 check "forward no input" 1 "" -- forward --model smallcnn --input none.safetensors --output out2.safetensors
+# merge a native model's run (adapters and the new head) into a state dict: the same outputs.
+# The base is a saved state (a 2-step full run with BatchNorm updates writes every tensor).
+check "base weights" 0 "flora: done" -- train --model smallcnn --data procedural:shapes:20 --method full --steps 2 \
+  --batch-size 8 --image-size 16 update_batchnorm=true --out run_base
+check "adapt base" 0 "flora: done" -- train "${common[@]}" --weights run_base/adapter/trained_modules.safetensors \
+  --data procedural:glyphs:20 --image-size 16 --steps 3 --out run_adapt
+w=(--model smallcnn --weights run_base/adapter/trained_modules.safetensors)
+check "forward adapted" 0 "output [2, 10]" -- forward "${w[@]}" --adapter run_adapt/adapter --input in.safetensors --output out_a.safetensors
+mkdir -p head_only && cp run_adapt/adapter/trained_modules.safetensors head_only/
+check "forward head only" 0 "output [2, 10]" -- forward "${w[@]}" --adapter head_only --input in.safetensors --output out_b.safetensors
+check "merge native" 0 "merged 5 adapted" -- merge "${w[@]}" --adapter run_adapt/adapter --out merged.safetensors
+check "forward merged" 0 "output [2, 10]" -- forward --model smallcnn --weights merged.safetensors --input in.safetensors --output out_m.safetensors
+HERE="$here" "$python" -c '
+import os, sys; sys.path.insert(0, os.path.join(os.environ["HERE"], "..", "interop")); import st
+a, m = st.load("out_a.safetensors")["output"], st.load("out_m.safetensors")["output"]
+b = st.load("out_b.safetensors")["output"]  # the same head without the adapters
+d, e = (a - m).abs().max().item(), (a - b).abs().max().item()
+print("merged vs adapted", d, "adapters change the output by", e); sys.exit(0 if d <= 1e-5 and e > 1e-4 else 1)' && ok || no "merged native model differs from the adapted one"
 
 # 3. SIGKILL, then --resume: the same adapter as an uninterrupted run.
 base=("${common[@]}" --data cifar10:data/cifar --val-data cifar10:data/cifar --checkpoint-every 3)
@@ -101,7 +119,27 @@ check "no out"        2 "no run directory"        -- train --model smallcnn --da
 check "classes"       2 "--num-classes 10"        -- train --model scripted.pt --data cifar10:data/cifar --steps 1 --out r10
 check "bad kind"      2 "imagefolder:DIR"         -- train --model smallcnn --data svhn:data --out r11
 check "help"          0 "--num-classes"           -- train --help
-for r in r1 r2 r3 r4 r5 r6 r7 r8 r9 r10 r11; do [[ ! -e $r/checkpoints/last.safetensors ]] || no "$r trained despite an error"; done
+check "bad task"      2 "procedural task 'faces'"  -- train --model smallcnn --data procedural:faces --out r12
+check "frozen no head" 2 "nothing to train"       -- train --model smallcnn --data procedural:shapes:20 --method frozen --out r13
+
+# 5. The demo's mechanics (--quick: tiny data; the accuracies mean nothing): a pretrained base,
+# five runs, the table, the report; the second run reuses the cached base.
+check "demo" 0 "LoRA r=8" -- demo --quick --out demo
+for f in report.html results.json pretrain/adapter/trained_modules.safetensors runs/flora/adapter/adapter_model.safetensors \
+         runs/lora_eq/adapter/adapter_config.json runs/full/adapter/trained_modules.safetensors; do
+  [[ -s demo/$f ]] && ok || no "demo lacks $f"
+done
+"$python" -c '
+import json, sys
+r = {x["name"]: x for x in json.load(open(sys.argv[1]))["runs"]}
+assert sorted(r) == ["flora", "full", "head", "lora", "lora_eq"], sorted(r)
+assert r["head"]["trainable"] == 1290 and r["head"]["adapter_params"] == 0, r["head"]
+assert 0 < r["flora"]["adapter_params"] < r["lora"]["adapter_params"], (r["flora"], r["lora"])
+assert abs(r["lora_eq"]["adapter_params"] - r["flora"]["adapter_params"]) < abs(r["lora"]["adapter_params"] - r["flora"]["adapter_params"])
+assert all(x["peak_rss_mb"] > 50 and x["median_step_s"] > 0 and 0 <= x["top1"] <= 100 for x in r.values()), r
+' demo/results.json && ok || no "demo results.json"
+check "demo cached" 0 "reusing" -- demo --quick --out demo
+for r in r1 r2 r3 r4 r5 r6 r7 r8 r9 r10 r11 r12 r13; do [[ ! -e $r/checkpoints/last.safetensors ]] || no "$r trained despite an error"; done
 
 echo "train: $pass passed, $fail failed"
 [[ $fail -eq 0 ]]
