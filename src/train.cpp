@@ -112,7 +112,7 @@ const std::map<std::string, Key>& keys() {
                    for (const auto& r : split_list(v)) c.ranks.push_back(to_int("ranks", r));
                  },
                  [](const TrainConfig& c) { return join_ints(c.ranks); }}},
-      INT_KEY(rank), INT_KEY(spatial_rank), DBL_KEY(scale), DBL_KEY(alpha), STR_KEY(targets), INT_KEY(num_classes),
+      INT_KEY(rank), INT_KEY(spatial_rank), DBL_KEY(scale), DBL_KEY(alpha), STR_KEY(conv_path), STR_KEY(targets), INT_KEY(num_classes),
       {"train_modules", {[](TrainConfig& c, const std::string& v) { c.train_modules = split_list(v); },
                          [](const TrainConfig& c) { return join(c.train_modules); }}},
       STR_KEY(data), STR_KEY(val_data), INT_KEY(image_size), INT_KEY(in_channels), STR_KEY(augment), INT_KEY(workers),
@@ -378,6 +378,7 @@ void TrainConfig::validate() const {
   if (image_size < 0) bad_value("image_size", std::to_string(image_size), "a positive number of pixels");
   if (image_size == 0 && (data.rfind("imagefolder:", 0) == 0 || val_data.rfind("imagefolder:", 0) == 0))
     bad_value("image_size", "0", "a positive number of pixels for ImageFolder data (e.g. --image-size 64)");
+  if (!one_of(conv_path, {"auto", "merged", "factorized"})) bad_value("conv_path", conv_path, "auto, merged or factorized");
   if (!one_of(augment, {"none", "default"})) bad_value("augment", augment, "none or default");
   if (!one_of(schedule, {"constant", "linear", "cosine"})) bad_value("schedule", schedule, "constant, linear or cosine");
   if (!one_of(precision, {"fp32", "bf16"})) bad_value("precision", precision, "fp32 or bf16");
@@ -506,7 +507,7 @@ InjectionReport prepare_model(Model& model, const TrainConfig& c) {
     InjectOptions o;
     const bool flora = c.method == "flora";
     o.adapter = AdapterOptions().method(flora ? Method::Flora : Method::Lora).rank(c.rank).spatial_rank(c.spatial_rank)
-                    .scale(c.scale).alpha(c.alpha).clip_ranks(true);
+                    .scale(c.scale).alpha(c.alpha).clip_ranks(true).conv_path(parse_conv_path(c.conv_path));
     if (flora && !c.ranks.empty()) {
       const auto ranks = c.ranks;
       o.per_layer = [ranks](const TargetInfo& t, AdapterOptions& a) {

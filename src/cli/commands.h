@@ -11,6 +11,8 @@ class App;
 namespace flora {
 namespace cli {
 void add_demo(CLI::App& app, std::function<int()>& run);
+/// bench step (and later study).
+void add_bench(CLI::App& app, std::function<int()>& run);
 /// train, eval and forward.
 void add_train_commands(CLI::App& app, std::function<int()>& run);
 /// merge and export.

@@ -224,7 +224,7 @@ void add_inspect(CLI::App& app, std::function<int()>& run) {
 // ---------------------------------------------------------------------------------------------
 
 using Adder = void (*)(CLI::App&, std::function<int()>&);
-const Adder kCommands[] = {flora::cli::add_train_commands, add_params, add_inspect, flora::cli::add_adapter_commands, add_doctor, flora::cli::add_demo};
+const Adder kCommands[] = {flora::cli::add_train_commands, add_params, add_inspect, flora::cli::add_adapter_commands, add_doctor, flora::cli::add_demo, flora::cli::add_bench};
 
 }  // namespace
 

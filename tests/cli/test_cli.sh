@@ -79,5 +79,20 @@ check "export bad dir"    1 "missing adapter_config.json" -- export --adapter "$
 check "export help"       0 "peft-lora"              -- export --help
 [[ ! -e "$tmp/m.pt" && ! -e "$tmp/x.safetensors" ]] || { echo "FAIL: a failed command left output"; fail=$((fail + 1)); }
 
+# bench step: one JSON object per run; the methods train what they say
+for m in frozen full lora flora; do
+  out=$("$flora" bench step --model smallcnn --method $m --batch-size 2 --image-size 16 --steps 2 --warmup 1 --json 2>&1)
+  if /usr/bin/python3 -c '
+import json, sys
+j = json.loads(sys.argv[1]); m = sys.argv[2]
+assert j["median_step_s"] > 0 and j["peak_rss_mb"] >= j["base_rss_mb"] > 0, j
+assert (j["trainable"] == 0) == (m == "frozen") and (j["adapter_params"] > 0) == (m in ("lora", "flora")), j
+assert m not in ("lora", "flora") or sum(j["conv_paths"].values()) == 5, j
+' "$out" $m; then pass=$((pass + 1)); else echo "FAIL bench step $m: $out"; fail=$((fail + 1)); fi
+done
+check "bench infer"       0 "5 adapted layer(s) weights merged"           -- bench step --model smallcnn --method flora --mode infer --batch-size 2 --image-size 16 --steps 1
+check "bench bad method"  2 "frozen, full, lora or flora" -- bench step --model smallcnn --method dora
+check "bench bad model"   2 "neither a TorchScript"  -- bench step --model resnet999
+
 echo "cli: $pass passed, $fail failed"
 [[ $fail -eq 0 ]]

@@ -1,0 +1,191 @@
+// `flora bench step`: the time and memory of one training (or inference) step of a whole model
+// under each method, on random data: what PERFORMANCE.md's tables are made of.
+//
+// A step is what `flora train` does per batch: forward, cross-entropy, backward, one AdamW update
+// of the trainable tensors. `frozen` is forward plus the input gradient with every weight frozen:
+// the floor any adapter method pays (the gradient has to travel back to the first adapter).
+// `--mode infer` times an eval-mode forward without gradients, adapters merged first: a merged
+// model must run exactly as fast as the base.
+#include <torch/torch.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+
+#include "commands.h"
+#include "flora/flora.h"
+#include "flora/io/safetensors.h"
+#include "flora/layers.h"
+#include "flora/model.h"
+#include "flora/train.h"
+
+namespace flora {
+namespace cli {
+namespace {
+
+struct StepArgs {
+  std::string model, weights, method = "flora", mode = "train", conv_path = "auto";
+  std::vector<int64_t> ranks;
+  int64_t rank = 8, batch_size = 16, image_size = 64, steps = 10, warmup = 2, num_classes = 0;
+  double scale = 4.0, alpha = 16.0;
+  bool json = false;
+};
+
+// Resident memory of this process from /proc/self/status (VmRSS now, VmHWM the peak), in MB.
+double proc_status_mb(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) / 1024.0;  // kB
+  return 0;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
+
+int run_step(const StepArgs& a) {
+  if (!(a.method == "frozen" || a.method == "full" || a.method == "lora" || a.method == "flora"))
+    throw InvalidArgument("--method '" + a.method + "' is unknown (expected frozen, full, lora or flora)");
+  if (a.mode != "train" && a.mode != "infer") throw InvalidArgument("--mode '" + a.mode + "' is unknown (expected train or infer)");
+  train::TrainConfig c;
+  c.model = a.model;
+  c.method = a.method;
+  c.ranks = a.ranks;
+  c.rank = a.rank;
+  c.scale = a.scale;
+  c.alpha = a.alpha;
+  c.conv_path = a.conv_path;
+  c.num_classes = a.num_classes;
+  if (c.conv_path != "auto" && c.conv_path != "merged" && c.conv_path != "factorized")
+    throw InvalidArgument("--conv-path '" + c.conv_path + "' is unknown (expected auto, merged or factorized)");
+
+  torch::manual_seed(0);
+  auto model = open_model(a.model);
+  if (!a.weights.empty()) model->load_state(io::SafetensorsFile(a.weights).load_all(), /*strict=*/true);
+  const auto report = train::prepare_model(*model, c);
+  std::vector<std::pair<std::string, torch::Tensor>> params;
+  std::vector<torch::Tensor> m, v;
+  if (a.mode == "train") {
+    params = model->trainable_parameters();
+    for (auto& [n, p] : params) m.push_back(torch::zeros_like(p)), v.push_back(torch::zeros_like(p));
+  } else if (a.method == "flora" || a.method == "lora") {
+    model->merge();
+  }
+  int64_t trainable = 0;
+  for (auto& [n, p] : model->trainable_parameters()) trainable += p.numel();
+
+  auto x = torch::randn({a.batch_size, 3, a.image_size, a.image_size});
+  int64_t classes = 0;
+  {
+    torch::NoGradGuard g;
+    model->train(false);
+    classes = model->forward(x.slice(0, 0, 1)).size(-1);
+  }
+  auto y = torch::randint(0, classes, {a.batch_size}, torch::kLong);
+  model->train(a.mode == "train");
+  const double base_rss = proc_status_mb("VmRSS");
+
+  std::vector<double> times;
+  for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (a.mode == "infer") {
+      torch::NoGradGuard g;
+      model->forward(x);
+    } else {
+      auto input = a.method == "frozen" ? x.detach().requires_grad_(true) : x;
+      auto loss = torch::nn::functional::cross_entropy(model->forward(input), y);
+      loss.backward();
+      for (size_t i = 0; i < params.size(); ++i) {
+        auto& p = params[i].second;
+        if (!p.grad().defined()) continue;
+        train::adamw_step(p, p.grad(), m[i], v[i], s + 1, 1e-4, 0.9, 0.999, 1e-8, 0.01);
+        p.mutable_grad() = torch::Tensor();
+      }
+    }
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (s >= a.warmup) times.push_back(dt);
+  }
+
+  std::map<std::string, int64_t> paths;
+  nlohmann::json layers = nlohmann::json::array();
+  for (const auto& ad : report.adapted) {
+    std::string path = "-";
+    for (const auto& [name, layer] : model->layers())
+      if (name == ad.name && a.mode == "infer") {
+        path = "weights merged";  // the adapter is in W: a plain conv / matmul
+      } else if (name == ad.name && layer->target_info().kind == LayerKind::Conv) {
+        if (auto* conv2 = dynamic_cast<nn::ConvImpl<2>*>(layer)) path = to_string(conv2->last_path());
+        else if (auto* conv1 = dynamic_cast<nn::ConvImpl<1>*>(layer)) path = to_string(conv1->last_path());
+        else if (auto* conv3 = dynamic_cast<nn::ConvImpl<3>*>(layer)) path = to_string(conv3->last_path());
+      }
+    if (path != "-") ++paths[path];
+    layers.push_back({{"name", ad.name}, {"kind", ad.kind}, {"shape", ad.shape}, {"ranks", ad.ranks}, {"path", path}});
+  }
+  const double med = median(times), peak = proc_status_mb("VmHWM");
+  double mean = 0;
+  for (double t : times) mean += t / times.size();
+  if (a.json) {
+    nlohmann::json j = {{"model", a.model},
+                        {"method", a.method},
+                        {"mode", a.mode},
+                        {"batch_size", a.batch_size},
+                        {"image_size", a.image_size},
+                        {"steps", a.steps},
+                        {"threads", torch::get_num_threads()},
+                        {"median_step_s", med},
+                        {"mean_step_s", mean},
+                        {"min_step_s", *std::min_element(times.begin(), times.end())},
+                        {"peak_rss_mb", peak},
+                        {"base_rss_mb", base_rss},
+                        {"trainable", trainable},
+                        {"adapter_params", report.total_params()},
+                        {"conv_paths", paths},
+                        {"layers", layers}};
+    std::cout << j.dump() << "\n";
+  } else {
+    std::printf("%s %s (%s): median step %.4f s (mean %.4f, %lld steps after %lld warm-up), peak RSS %.0f MB (%.0f MB before "
+                "the first step), %s trainable",
+                a.model.c_str(), a.method.c_str(), a.mode.c_str(), med, mean, (long long)a.steps, (long long)a.warmup, peak,
+                base_rss, format_count(trainable).c_str());
+    for (const auto& [p, n] : paths) std::printf(", %lld adapted layer(s) %s", (long long)n, p.c_str());
+    std::printf("\n");
+  }
+  return 0;
+}
+
+}  // namespace
+
+void add_bench(CLI::App& app, std::function<int()>& run) {
+  auto* bench = app.add_subcommand("bench", "Benchmarks of whole models (see docs/PERFORMANCE.md)");
+  bench->require_subcommand(1);
+  auto a = std::make_shared<StepArgs>();
+  auto* c = bench->add_subcommand("step", "Time and peak memory of training steps on random data: frozen (forward + input "
+                                          "gradient), full, lora or flora; --mode infer for merged inference");
+  c->add_option("--model", a->model, "Architecture name or TorchScript model (.pt)")->required();
+  c->add_option("--weights", a->weights, "Base weights (.safetensors); random initialization otherwise");
+  c->add_option("--method", a->method, "frozen, full, lora or flora")->capture_default_str();
+  c->add_option("--mode", a->mode, "train (forward, backward, AdamW) or infer (eval forward, adapters merged)")->capture_default_str();
+  c->add_option("--ranks", a->ranks, "FLoRA ranks per mode, e.g. 16,16,2,2 (default: --rank for channels, 2 for kernels)")->delimiter(',');
+  c->add_option("--rank", a->rank, "LoRA rank, or FLoRA's channel rank")->capture_default_str();
+  c->add_option("--scale", a->scale, "FLoRA scale s")->capture_default_str();
+  c->add_option("--alpha", a->alpha, "LoRA alpha")->capture_default_str();
+  c->add_option("--conv-path", a->conv_path, "auto (cost model), merged or factorized")->capture_default_str();
+  c->add_option("--num-classes", a->num_classes, "New head with K classes (0: keep the model's)")->capture_default_str();
+  c->add_option("--batch-size", a->batch_size, "Batch size")->capture_default_str()->check(CLI::PositiveNumber);
+  c->add_option("--image-size", a->image_size, "Image size (PX x PX, 3 channels)")->capture_default_str()->check(CLI::PositiveNumber);
+  c->add_option("--steps", a->steps, "Timed steps")->capture_default_str()->check(CLI::PositiveNumber);
+  c->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
+  c->add_flag("--json", a->json, "Print one JSON object (median_step_s, peak_rss_mb, conv paths per layer, ...)");
+  c->callback([a, &run] { run = [a] { return run_step(*a); }; });
+}
+
+}  // namespace cli
+}  // namespace flora
