@@ -15,6 +15,7 @@
 #include "flora/io/safetensors.h"
 #include "flora/model.h"
 #include "flora/script.h"
+#include "flora/train.h"
 
 namespace flora {
 namespace cli {
@@ -140,35 +141,53 @@ int inspect_adapter(const std::string& path, bool json) {
   return 0;
 }
 
-int inspect_script(const std::string& path, bool json) {
-  auto model = ScriptModel::load(path);
+int inspect_model(const std::string& name, const train::TrainConfig* plan, bool json) {
+  auto model = open_model(name);
+  if (plan) {  // what each layer would get
+    const auto report = train::prepare_model(*model, *plan);
+    int64_t trainable = 0, all = 0;
+    for (const auto& [n, p] : model->trainable_parameters()) trainable += p.numel();
+    for (const auto& [n, p] : model->named_parameters()) all += p.numel();
+    all += report.total_params();
+    if (json) {
+      nlohmann::json j = {{"model", name}, {"method", plan->method}, {"adapted", nlohmann::json::array()},
+                          {"skipped", nlohmann::json::array()}, {"adapter_params", report.total_params()},
+                          {"trainable", trainable}, {"all_params", all}};
+      for (const auto& a : report.adapted)
+        j["adapted"].push_back({{"name", a.name}, {"kind", a.kind}, {"shape", a.shape}, {"ranks", a.ranks}, {"path", a.path},
+                                {"params", a.params}, {"notes", a.notes}});
+      for (const auto& sk : report.skipped) j["skipped"].push_back({{"name", sk.name}, {"reason", sk.reason}});
+      std::cout << j.dump() << "\n";
+      return 0;
+    }
+    if (report.adapted.empty()) std::cout << "method '" << plan->method << "' adds no adapters\n";
+    else std::cout << report.format();
+    std::cout << nn::format_summary({trainable, all}) << "\n";
+    return 0;
+  }
   std::map<std::string, std::string> kinds;
-  for (const auto& [name, layer] : model.layers()) {
+  for (const auto& [lname, layer] : model->layers()) {
     const auto t = layer->target_info();
-    kinds[name + ".weight"] = to_string(t.kind) + (t.groups != 1 ? " g=" + std::to_string(t.groups) : "");
+    kinds[lname + ".weight"] = to_string(t.kind) + (t.groups != 1 ? " g=" + std::to_string(t.groups) : "");
   }
+  const auto params = model->named_parameters();
   int64_t total = 0;
-  size_t w = 4, n = 0;
-  for (const auto& p : model.module().named_parameters()) {
-    total += p.value.numel();
-    w = std::max(w, p.name.size());
-    ++n;
-  }
+  size_t w = 4;
+  for (const auto& [pname, p] : params) total += p.numel(), w = std::max(w, pname.size());
   if (json) {
-    nlohmann::json j = {{"model", path}, {"parameters", nlohmann::json::array()}, {"total_params", total}};
-    for (const auto& p : model.module().named_parameters())
-      j["parameters"].push_back({{"name", p.name}, {"dtype", io::to_dtype_name(p.value.scalar_type())},
-                                 {"shape", p.value.sizes().vec()}, {"count", p.value.numel()},
-                                 {"adaptable", kinds.count(p.name) ? kinds[p.name] : ""}});
+    nlohmann::json j = {{"model", name}, {"parameters", nlohmann::json::array()}, {"total_params", total}};
+    for (const auto& [pname, p] : params)
+      j["parameters"].push_back({{"name", pname}, {"dtype", io::to_dtype_name(p.scalar_type())}, {"shape", p.sizes().vec()},
+                                 {"count", p.numel()}, {"adaptable", kinds.count(pname) ? kinds[pname] : ""}});
     std::cout << j.dump() << "\n";
     return 0;
   }
   std::printf("%-*s  %-6s  %-20s %12s  %s\n", static_cast<int>(w), "name", "dtype", "shape", "count", "adaptable as");
-  for (const auto& p : model.module().named_parameters())
-    std::printf("%-*s  %-6s  %-20s %12s  %s\n", static_cast<int>(w), p.name.c_str(), io::to_dtype_name(p.value.scalar_type()).c_str(),
-                format_shape(p.value.sizes().vec()).c_str(), format_count(p.value.numel()).c_str(),
-                kinds.count(p.name) ? kinds[p.name].c_str() : "parameter");
-  std::printf("%zu parameters, %s values; %zu adaptable layers\n", n, format_count(total).c_str(), kinds.size());
+  for (const auto& [pname, p] : params)
+    std::printf("%-*s  %-6s  %-20s %12s  %s\n", static_cast<int>(w), pname.c_str(), io::to_dtype_name(p.scalar_type()).c_str(),
+                format_shape(p.sizes().vec()).c_str(), format_count(p.numel()).c_str(),
+                kinds.count(pname) ? kinds[pname].c_str() : "parameter");
+  std::printf("%zu parameters, %s values; %zu adaptable layers\n", params.size(), format_count(total).c_str(), kinds.size());
   return 0;
 }
 

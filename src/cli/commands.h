@@ -9,6 +9,9 @@ class App;
 }
 
 namespace flora {
+namespace train {
+struct TrainConfig;
+}
 namespace cli {
 void add_demo(CLI::App& app, std::function<int()>& run);
 /// bench step (and later study).
@@ -17,8 +20,10 @@ void add_bench(CLI::App& app, std::function<int()>& run);
 void add_train_commands(CLI::App& app, std::function<int()>& run);
 /// merge and export.
 void add_adapter_commands(CLI::App& app, std::function<int()>& run);
-/// inspect for an adapter directory / a TorchScript model (main.cpp handles .safetensors files).
+/// inspect for an adapter directory / a model (main.cpp handles .safetensors files).
 int inspect_adapter(const std::string& path, bool json);
-int inspect_script(const std::string& path, bool json);
+/// A model's parameters (TorchScript .pt or an architecture name), or with `plan` what each
+/// layer would get under that method (the injection report, ranks clipped and said so).
+int inspect_model(const std::string& model, const train::TrainConfig* plan, bool json);
 }  // namespace cli
 }  // namespace flora

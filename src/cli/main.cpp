@@ -15,9 +15,11 @@
 #include <iostream>
 #include <memory>
 #include <numeric>
+#include <tuple>
 
 #include "flora/flora.h"
 #include "flora/io/safetensors.h"
+#include "flora/train.h"
 #include "commands.h"
 
 namespace {
@@ -176,11 +178,28 @@ void add_doctor(CLI::App& app, std::function<int()>& run) {
 // ---------------------------------------------------------------------------------------------
 // flora inspect
 
-int run_inspect(const std::string& path, bool json) {
+struct InspectArgs {
+  std::string path, model;
+  std::vector<std::string> plan;  // key=value of the train config: method, ranks, rank, ...
+  bool json = false;
+};
+
+int run_inspect(const InspectArgs& a) {
+  const std::string& path = a.path;
+  const bool json = a.json;
+  if (!a.model.empty() || !a.plan.empty()) {
+    if (!path.empty()) throw flora::InvalidArgument("inspect takes a PATH or --model, not both");
+    if (a.model.empty()) throw flora::InvalidArgument("--method, --ranks, --rank, ... need --model");
+    if (a.plan.empty()) return flora::cli::inspect_model(a.model, nullptr, json);
+    auto config = flora::train::load_config("", a.plan);
+    config.model = a.model;
+    return flora::cli::inspect_model(a.model, &config, json);
+  }
+  if (path.empty()) throw flora::InvalidArgument("inspect needs a PATH or --model (hint: flora inspect --help)");
   if (std::filesystem::is_directory(path)) return flora::cli::inspect_adapter(path, json);
   const bool is_safetensors = path.size() >= 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0;
   const bool is_script = path.size() >= 3 && path.compare(path.size() - 3, 3, ".pt") == 0;
-  if (is_script) return flora::cli::inspect_script(path, json);
+  if (is_script) return flora::cli::inspect_model(path, nullptr, json);
   if (!is_safetensors)
     throw flora::InvalidArgument("inspect reads a .safetensors file, an adapter directory or a TorchScript .pt model; '" +
                                  path + "' is none of these");
@@ -212,13 +231,25 @@ int run_inspect(const std::string& path, bool json) {
 }
 
 void add_inspect(CLI::App& app, std::function<int()>& run) {
-  auto path = std::make_shared<std::string>();
-  auto json = std::make_shared<bool>(false);
-  auto* c = app.add_subcommand("inspect", "List the tensors of a .safetensors file, an adapter directory's modules, "
-                                          "or a TorchScript model's parameters (name, dtype, shape, count) with totals");
-  c->add_option("path", *path, "FILE.safetensors, ADAPTER_DIR or MODEL.pt")->required();
-  c->add_flag("--json", *json, "Print one JSON object");
-  c->callback([path, json, &run] { run = [path, json] { return run_inspect(*path, *json); }; });
+  auto a = std::make_shared<InspectArgs>();
+  auto* c = app.add_subcommand("inspect", "List the tensors of a .safetensors file, an adapter directory's modules, or a "
+                                          "model's parameters; with --model and --method, what each layer would get");
+  c->add_option("path", a->path, "FILE.safetensors, ADAPTER_DIR or MODEL.pt");
+  c->add_option("--model", a->model, "Architecture name or TorchScript model (.pt)");
+  // the plan: the same keys as flora train
+  for (const auto& [flag, key, help] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"--method", "method", "flora, lora, full or frozen"},
+           {"--ranks", "ranks", "FLoRA ranks per mode, e.g. 16,16,2,2"},
+           {"--rank", "rank", "LoRA rank, or FLoRA's rank for every channel mode"},
+           {"--spatial-rank", "spatial_rank", "FLoRA rank of kernel modes without --ranks"},
+           {"--scale", "scale", "FLoRA scale s"},
+           {"--alpha", "alpha", "LoRA alpha"},
+           {"--targets", "targets", "Modules: names / dotted suffixes, a regex, or all-linear"},
+           {"--num-classes", "num_classes", "New head with K classes"}}) {
+    c->add_option_function<std::string>(flag, [a, key = key](const std::string& v) { a->plan.push_back(key + "=" + v); }, help);
+  }
+  c->add_flag("--json", a->json, "Print one JSON object");
+  c->callback([a, &run] { run = [a] { return run_inspect(*a); }; });
 }
 
 // ---------------------------------------------------------------------------------------------

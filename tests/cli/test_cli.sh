@@ -90,6 +90,10 @@ assert (j["trainable"] == 0) == (m == "frozen") and (j["adapter_params"] > 0) ==
 assert m not in ("lora", "flora") or sum(j["conv_paths"].values()) == 5, j
 ' "$out" $m; then pass=$((pass + 1)); else echo "FAIL bench step $m: $out"; fail=$((fail + 1)); fi
 done
+check "inspect plan"      0 "ranks clipped to mode sizes: in 16->3" -- inspect --model smallcnn --method flora --ranks 16,16,2,2
+check "inspect plan json" 0 '"adapter_params":15621' -- inspect --model smallcnn --method flora --ranks 16,16,2,2 --json
+check "inspect arch"      0 "6 adaptable layers"     -- inspect --model smallcnn
+check "inspect no model"  2 "need --model"           -- inspect --method flora
 check "bench infer"       0 "5 adapted layer(s) weights merged"           -- bench step --model smallcnn --method flora --mode infer --batch-size 2 --image-size 16 --steps 1
 check "bench bad method"  2 "frozen, full, lora or flora" -- bench step --model smallcnn --method dora
 check "bench bad model"   2 "neither a TorchScript"  -- bench step --model resnet999
