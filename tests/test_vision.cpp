@@ -160,7 +160,7 @@ TEST(VisionAdapters, ConvNextAdaptsEveryConvIncludingDepthwiseAndTrains) {
   EXPECT_NE(report.format().find("features.1.0.block.0"), std::string::npos);
   model->set_num_classes(4, /*seed=*/0);
 
-  const auto [x, y] = quadrant_task(16, 32);
+  const auto [x, y] = quadrant_task(8, 32);
   auto eval_loss = [&] {
     model->train(false);
     torch::NoGradGuard g;
@@ -169,17 +169,25 @@ TEST(VisionAdapters, ConvNextAdaptsEveryConvIncludingDepthwiseAndTrains) {
   std::vector<torch::Tensor> params;
   for (auto& [k, v] : model->trainable_parameters()) params.push_back(v);
   const auto frozen = model->state_dict()[0].second.clone();
+  Tensors depthwise_before;  // the adapter of one depthwise conv
+  for (const auto& [k, v] : model->adapter_parameters())
+    if (k.rfind("features.1.0.block.0.", 0) == 0) depthwise_before.emplace_back(k, v.clone());
+  ASSERT_FALSE(depthwise_before.empty());
   torch::optim::AdamW opt(params, torch::optim::AdamWOptions(3e-3).weight_decay(0.0));
   const double before = eval_loss();
   model->train(true);
-  for (int step = 0; step < 15; ++step) {
+  for (int step = 0; step < 8; ++step) {
     opt.zero_grad();
     torch::cross_entropy_loss(model->forward(x), y).backward();
     opt.step();
   }
   const double after = eval_loss();
+  std::cout << "[          ] convnext_tiny adapters, 8 AdamW steps: loss " << before << " -> " << after << "\n";
   EXPECT_LT(after, 0.7 * before) << "loss " << before << " -> " << after;
   EXPECT_TRUE(torch::equal(model->state_dict()[0].second, frozen)) << "a base tensor moved";
+  for (const auto& [k, v] : model->adapter_parameters())
+    for (const auto& [k0, v0] : depthwise_before)
+      if (k == k0) EXPECT_FALSE(torch::equal(v, v0)) << k << " did not train";
 }
 
 TEST(VisionVit, InProjIsAnAdaptableLinearUnderTorchvisionNames) {
