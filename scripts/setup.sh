@@ -9,7 +9,7 @@ packages=(
   nlohmann-json3-dev libcli11-dev        # JSON, command line
   libyaml-cpp-dev libstb-dev             # trainer configs; image decoding (PNG, JPEG, BMP)
   googletest libgtest-dev libgmock-dev libbenchmark-dev
-  python3-torch                          # tests only: independent reference values
+  python3-torch python3-torchvision      # tests only: independent reference values (torchvision: tests/vision)
   clang-14 libfuzzer-14-dev libclang-rt-14-dev  # tests only: the safetensors fuzz target
 )
 

@@ -11,6 +11,7 @@
 #include "flora/io/safetensors.h"
 #include "flora/layers.h"
 #include "flora/script.h"
+#include "flora/vision.h"
 
 namespace flora {
 namespace {
@@ -59,8 +60,9 @@ class ScriptBacked : public Model {
 
 class Native : public Model {
  public:
-  Native(std::shared_ptr<torch::nn::Module> module, std::function<torch::Tensor(const torch::Tensor&)> fwd, std::string name)
-      : module_(std::move(module)), fwd_(std::move(fwd)) {
+  Native(std::shared_ptr<torch::nn::Module> module, std::function<torch::Tensor(const torch::Tensor&)> fwd, std::string name,
+         KeyMap public_name)
+      : module_(std::move(module)), fwd_(std::move(fwd)), public_name_(std::move(public_name)) {
     source_ = std::move(name);
   }
   torch::Tensor forward(const torch::Tensor& x) override { return fwd_(x); }
@@ -78,12 +80,12 @@ class Native : public Model {
   std::vector<std::pair<std::string, torch::Tensor>> named_parameters() const override {
     std::vector<std::pair<std::string, torch::Tensor>> out;
     for (const auto& p : module_->named_parameters())
-      if (p.key().find("adapters.") == std::string::npos) out.emplace_back(p.key(), p.value());
+      if (p.key().find("adapters.") == std::string::npos) out.emplace_back(public_key(p.key()), p.value());
     return out;
   }
   std::vector<std::pair<std::string, torch::Tensor>> state_dict() const override {
     auto out = named_parameters();
-    for (const auto& b : module_->named_buffers()) out.emplace_back(b.key(), b.value());
+    for (const auto& b : module_->named_buffers()) out.emplace_back(public_key(b.key()), b.value());
     return out;
   }
   void merge() override {
@@ -105,8 +107,10 @@ class Native : public Model {
   }
 
  private:
+  std::string public_key(const std::string& key) const { return public_name_ ? public_name_(key) : key; }
   std::shared_ptr<torch::nn::Module> module_;
   std::function<torch::Tensor(const torch::Tensor&)> fwd_;
+  KeyMap public_name_;
 };
 
 // A small CNN for the demo and tests: five conv-BN-ReLU stages (32, 64, 64, 128, 128 channels;
@@ -133,16 +137,26 @@ TORCH_MODULE(SmallCnn);
 
 using Factory = std::function<std::unique_ptr<Model>()>;
 const std::map<std::string, Factory>& registry() {
-  static const std::map<std::string, Factory> r{
-      {"smallcnn", [] {
-         SmallCnn m;
-         return std::make_unique<Native>(m.ptr(), [m](const torch::Tensor& x) mutable { return m->forward(x); }, "smallcnn");
-       }},
-  };
+  static const std::map<std::string, Factory> r = [] {
+    std::map<std::string, Factory> r{
+        {"smallcnn", [] {
+           SmallCnn m;
+           return make_native(m.ptr(), [m](const torch::Tensor& x) mutable { return m->forward(x); }, "smallcnn");
+         }},
+    };
+    for (const auto& arch : vision::architectures()) r[arch] = [arch] { return vision::make_model(arch); };
+    return r;
+  }();
   return r;
 }
 
 }  // namespace
+
+std::unique_ptr<Model> make_native(std::shared_ptr<torch::nn::Module> module,
+                                   std::function<torch::Tensor(const torch::Tensor&)> forward, std::string name,
+                                   KeyMap public_name) {
+  return std::make_unique<Native>(std::move(module), std::move(forward), std::move(name), std::move(public_name));
+}
 
 std::vector<std::string> architectures() {
   std::vector<std::string> out;

@@ -1,9 +1,12 @@
 // flora/model.h: one interface over the models the trainer and the command line work with:
-// TorchScript files (flora::ScriptModel) and native architectures built from flora::nn layers
-// (a registry by name; issue [D] adds the torchvision families).
+// TorchScript files (flora::ScriptModel) and native architectures built from flora::nn layers,
+// by name: "smallcnn", and torchvision's families with torchvision's state_dict keys
+// (flora/vision.h): resnet18, resnet34, resnet50, convnext_tiny, convnext_small, convnext_base,
+// vit_b_16, vit_s_16.
 //
 // Usage:
-//   auto m = flora::open_model("model.pt");         // or an architecture name: "smallcnn"
+//   auto m = flora::open_model("model.pt");         // or an architecture name: "resnet50"
+//   m->load_state(tensors, /*strict=*/true);         // e.g. a torchvision state dict
 //   m->set_num_classes(10, /*seed=*/0);             // new classifier head (trained fully)
 //   m->inject(options);                             // adapters; base frozen
 //   auto logits = m->forward(x);
@@ -11,6 +14,7 @@
 
 #include <torch/types.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -65,6 +69,17 @@ class Model {
   /// io::load_adapter on this model's layers (TorchScript models also create parameter targets).
   virtual std::vector<std::string> load_adapter_modules(const std::string& dir, const std::string& adapter_name) = 0;
 };
+
+/// Renames a module's own tensor keys ("a.in_proj.weight") to the public, PyTorch ones
+/// ("a.in_proj_weight") where the two differ; see make_native.
+using KeyMap = std::function<std::string(const std::string&)>;
+
+/// Wraps a module built from flora::nn layers as a Model called `name`; `forward` runs it.
+/// named_parameters / state_dict / load_state use `public_name(key)` for every parameter and
+/// buffer key (identity when empty); layer names (adapters, inject targets) stay the module's.
+std::unique_ptr<Model> make_native(std::shared_ptr<torch::nn::Module> module,
+                                   std::function<torch::Tensor(const torch::Tensor&)> forward, std::string name,
+                                   KeyMap public_name = {});
 
 /// A TorchScript file (.pt) or a registered architecture name; errors list the known names.
 std::unique_ptr<Model> open_model(const std::string& name_or_path);

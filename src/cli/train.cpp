@@ -29,7 +29,7 @@ struct Flag {
 };
 
 const Flag kFlags[] = {
-    {"model", "TorchScript model (M.pt) or an architecture name (smallcnn)"},
+    {"model", "TorchScript model (M.pt) or an architecture name (smallcnn, resnet18/34/50, convnext_tiny/small/base, vit_b_16, vit_s_16)"},
     {"weights", "Base weights (.safetensors state dict) for an architecture"},
     {"data", "Training data: imagefolder:DIR, cifar10:DIR, mnist:DIR or procedural:TASK[:N] (shapes, glyphs, outlines)"},
     {"val_data", "Evaluation data (same forms), evaluated each epoch"},

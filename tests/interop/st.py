@@ -10,17 +10,18 @@ _NAMES = {v[0]: k for k, v in _DTYPES.items()}
 
 
 def save(path, tensors):
-    header, blobs, offset = {}, [], 0
+    """Writes tensor by tensor (no copy of the whole file in memory: state dicts of ~350 MB)."""
+    header, offset = {}, 0
     for name, t in tensors.items():
-        t = t.detach().contiguous().cpu()
-        data = t.numpy().tobytes()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+        f.write(struct.pack("<Q", len(h)) + h)
+        for t in tensors.values():
+            f.write(t.detach().contiguous().cpu().numpy().tobytes())
 
 
 def load(path):
