@@ -111,6 +111,11 @@ torch::Tensor TuckerAdapterImpl::delta_weight() const {
   return cache_;
 }
 
+void TuckerAdapterImpl::train(bool on) {
+  torch::nn::Module::train(on);
+  if (on) cache_ = torch::Tensor();
+}
+
 void TuckerAdapterImpl::set_scale(double scale) {
   check_scale(scale, "layer '" + spec_.target.name + "'");
   spec_.scale = scale;

@@ -517,12 +517,14 @@ InjectionReport prepare_model(Model& model, const TrainConfig& c) {
       };
     }
     const std::string head = model.head_name();
-    if (c.targets.empty()) {  // every conv and linear layer but the head
+    if (c.targets.empty() || c.targets == "all-conv") {  // every conv (and linear) layer but the head
       for (const auto& [name, layer] : model.layers()) {
         const auto kind = layer->target_info().kind;
-        if ((kind == LayerKind::Conv || kind == LayerKind::Linear) && name != head) o.targets.names.push_back(name);
+        if ((kind == LayerKind::Conv || (kind == LayerKind::Linear && c.targets.empty())) && name != head) o.targets.names.push_back(name);
       }
-      if (o.targets.names.empty()) throw InvalidArgument("model '" + c.model + "' has no conv or linear layer besides the head (hint: --targets)");
+      if (o.targets.names.empty())
+        throw InvalidArgument("model '" + c.model + "' has no " + (c.targets.empty() ? "conv or linear" : "conv") +
+                              " layer besides the head (hint: --targets)");
     } else if (c.targets == "all-linear") {
       o.targets.all_linear = true;
     } else if (c.targets.find_first_of("*[]()|^$\\+?") != std::string::npos) {

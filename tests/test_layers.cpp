@@ -328,7 +328,11 @@ TEST(FloraConv, CostModelPicksMergedForDepthwiseAndFactorizedForWideConvs) {
     EXPECT_TRUE(wide->adapter()->delta_weight().is_same(first)) << "second no-grad call must reuse the cache";
     wide->adapter()->factors()[0].add_(1.0);  // an in-place update bumps the version: cache invalid
     EXPECT_FALSE(wide->adapter()->delta_cached());
+    wide->forward(torch::randn({1, 512, 7, 7}));
+    EXPECT_TRUE(wide->adapter()->delta_cached());
   }
+  wide->train(true);  // training frees the weight-sized cache
+  EXPECT_FALSE(wide->adapter()->delta_cached());
 }
 
 TEST(FloraConv, ForwardRecordsThePathTaken) {

@@ -44,6 +44,9 @@ class TuckerAdapterImpl : public torch::nn::Module {
   torch::Tensor delta_weight() const;
   /// True when a no-grad delta_weight() would be served from the cache.
   bool delta_cached() const;
+  /// Training mode drops the cache (the parameters are about to change; a factorized training
+  /// forward never reads it, and it would otherwise hold a weight-sized tensor per layer).
+  void train(bool on = true) override;
 
   double scale() const { return spec_.scale; }
   /// Runtime scale change (e.g. to sweep s, or to fade an adapter); must be finite.

@@ -40,7 +40,7 @@ const Flag kFlags[] = {
     {"scale", "FLoRA scale s"},
     {"alpha", "LoRA alpha"},
     {"conv_path", "Adapted conv forward: auto (cost model), merged or factorized"},
-    {"targets", "Modules: a comma list of names / dotted suffixes, a regex, or all-linear (default: every conv and linear but the head)"},
+    {"targets", "Modules: a comma list of names / dotted suffixes, a regex, all-linear or all-conv (default: every conv and linear but the head)"},
     {"num_classes", "Re-initialize the classifier head for K classes and train it fully"},
     {"train_modules", "Comma list of modules trained fully (like PEFT's modules_to_save)"},
     {"image_size", "Resize images to PX x PX (required for ImageFolder)"},
