@@ -209,9 +209,18 @@ void Model::load_state(const std::vector<std::pair<std::string, torch::Tensor>>&
   if (!mismatched.empty()) problems += " mis-shaped: " + list(mismatched) + ";";
   if (strict && !missing.empty()) problems += " missing: " + list(missing) + ";";
   if (strict && !unexpected.empty()) problems += " unexpected: " + list(unexpected) + ";";
-  if (!problems.empty())
+  if (!problems.empty()) {
+    std::string head;
+    try {
+      head = head_name();
+    } catch (const Error&) {
+    }
+    bool head_only = !mismatched.empty() && missing.empty() && unexpected.empty() && !head.empty();
+    for (const auto& m : mismatched) head_only = head_only && m.rfind(head + ".", 0) == 0;
     throw Error("weights do not fit model '" + source_ + "':" + problems +
-                " (hint: a checkpoint of another architecture, or one saved with different key names)");
+                (head_only ? " (hint: the file's classifier head has another class count: --num-classes K)"
+                           : " (hint: a checkpoint of another architecture, or one saved with different key names)"));
+  }
   torch::NoGradGuard no_grad;
   for (const auto& [k, v] : tensors)
     if (own.count(k)) own[k].copy_(v.to(own[k].dtype()));

@@ -123,8 +123,8 @@ std::unique_ptr<Model> prepare(const EvalArgs& a) {
   if (!a.adapter.empty() && fs::exists(fs::path(a.adapter) / "adapter_config.json"))
     io::read_adapter(a.adapter);  // a bad directory fails before the model loads
   auto model = open_model(a.model);
+  if (a.num_classes > 0) model->set_num_classes(a.num_classes, 0);  // before the weights: a merged model has the new head
   if (!a.weights.empty()) model->load_state(io::SafetensorsFile(a.weights).load_all(), true);
-  if (a.num_classes > 0) model->set_num_classes(a.num_classes, 0);
   if (!a.adapter.empty()) model->load_adapter_dir(a.adapter);
   model->train(false);
   return model;

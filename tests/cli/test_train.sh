@@ -61,13 +61,14 @@ check "forward no input" 1 "" -- forward --model smallcnn --input none.safetenso
 check "base weights" 0 "flora: done" -- train --model smallcnn --data procedural:shapes:20 --method full --steps 2 \
   --batch-size 8 --image-size 16 update_batchnorm=true --out run_base
 check "adapt base" 0 "flora: done" -- train "${common[@]}" --weights run_base/adapter/trained_modules.safetensors \
-  --data procedural:glyphs:20 --image-size 16 --steps 3 --out run_adapt
+  --data procedural:glyphs:20 --image-size 16 --steps 3 --out run_adapt num_classes=12
 w=(--model smallcnn --weights run_base/adapter/trained_modules.safetensors)
-check "forward adapted" 0 "output [2, 10]" -- forward "${w[@]}" --adapter run_adapt/adapter --input in.safetensors --output out_a.safetensors
+check "forward adapted" 0 "output [2, 12]" -- forward "${w[@]}" --adapter run_adapt/adapter --input in.safetensors --output out_a.safetensors
 mkdir -p head_only && cp run_adapt/adapter/trained_modules.safetensors head_only/
-check "forward head only" 0 "output [2, 10]" -- forward "${w[@]}" --adapter head_only --input in.safetensors --output out_b.safetensors
+check "forward head only" 0 "output [2, 12]" -- forward "${w[@]}" --adapter head_only --input in.safetensors --output out_b.safetensors
 check "merge native" 0 "merged 5 adapted" -- merge "${w[@]}" --adapter run_adapt/adapter --out merged.safetensors
-check "forward merged" 0 "output [2, 10]" -- forward --model smallcnn --weights merged.safetensors --input in.safetensors --output out_m.safetensors
+check "merged needs K"  1 "another class count: --num-classes K" -- forward --model smallcnn --weights merged.safetensors --input in.safetensors --output out_m.safetensors
+check "forward merged" 0 "output [2, 12]" -- forward --model smallcnn --num-classes 12 --weights merged.safetensors --input in.safetensors --output out_m.safetensors
 HERE="$here" "$python" -c '
 import os, sys; sys.path.insert(0, os.path.join(os.environ["HERE"], "..", "interop")); import st
 a, m = st.load("out_a.safetensors")["output"], st.load("out_m.safetensors")["output"]
