@@ -233,16 +233,19 @@ std::vector<std::string> Model::load_adapter_dir(const std::string& dir, const s
     throw InvalidArgument("'" + dir + "' holds neither adapter_config.json nor trained_modules.safetensors (hint: RUN_DIR/adapter)");
   if (std::filesystem::exists(trained)) {
     auto tensors = io::SafetensorsFile(trained.string()).load_all();
-    // a new head may have another class count than the base model's: adopt its shapes
-    std::map<std::string, torch::Tensor> own;
-    for (auto& [k, v] : named_parameters()) own[k] = v;
-    for (auto& [k, v] : tensors) {
-      auto it = own.find(k);
-      if (it != own.end() && it->second.sizes() != v.sizes()) it->second.set_data(torch::empty_like(v));
-    }
+    adopt_shapes(tensors);  // a new head may have another class count than the base model's
     load_state(tensors, /*strict=*/false);
   }
   return has_adapter ? load_adapter_modules(dir, adapter_name) : std::vector<std::string>{};
+}
+
+void Model::adopt_shapes(const std::vector<std::pair<std::string, torch::Tensor>>& tensors, const std::string& prefix) {
+  std::map<std::string, torch::Tensor> own;
+  for (auto& [k, v] : named_parameters()) own[k] = v;
+  for (const auto& [k, v] : tensors) {
+    auto it = own.find(k);
+    if (it != own.end() && k.rfind(prefix, 0) == 0 && it->second.sizes() != v.sizes()) it->second.set_data(torch::empty_like(v));
+  }
 }
 
 std::string Model::head_name() const {

@@ -557,12 +557,7 @@ int run_training(const TrainConfig& c) {
   auto model = open_model(c.model);
   if (!c.weights.empty()) {
     auto tensors = io::SafetensorsFile(c.weights).load_all();
-    if (c.num_classes > 0) {  // the head is replaced below: take the file's, whatever its class count
-      const std::string head = model->head_name() + ".";
-      for (auto& [k, p] : model->named_parameters())
-        for (const auto& [fk, fv] : tensors)
-          if (fk == k && k.rfind(head, 0) == 0 && fv.sizes() != p.sizes()) p.set_data(torch::empty_like(fv));
-    }
+    if (c.num_classes > 0) model->adopt_shapes(tensors, model->head_name() + ".");  // the head is replaced below
     model->load_state(tensors, /*strict=*/true);
   }
   const auto report = prepare_model(*model, c);

@@ -43,6 +43,9 @@ class Model {
   virtual std::vector<std::pair<std::string, torch::Tensor>> state_dict() const = 0;
   /// Loads tensors by name (strict: every name must exist with its shape; lists all problems).
   void load_state(const std::vector<std::pair<std::string, torch::Tensor>>& tensors, bool strict);
+  /// Resizes base parameters whose shape in `tensors` differs (values not copied; load_state
+  /// does that), only those under `prefix` when given: a saved new head with another class count.
+  void adopt_shapes(const std::vector<std::pair<std::string, torch::Tensor>>& tensors, const std::string& prefix = "");
   /// The classifier head: the last Linear in module order.
   std::string head_name() const;
   /// Re-initializes the head for `num_classes` outputs (PyTorch's Linear init) and makes it trainable.

@@ -117,16 +117,15 @@ int run_step(const StepArgs& a) {
 
   std::map<std::string, int64_t> paths;
   nlohmann::json layers = nlohmann::json::array();
+  std::map<std::string, nn::AdaptableLayer*> by_name;
+  for (const auto& [name, layer] : model->layers()) by_name[name] = layer;
   for (const auto& ad : report.adapted) {
     std::string path = "-";
-    for (const auto& [name, layer] : model->layers())
-      if (name == ad.name && a.mode == "infer") {
-        path = "weights merged";  // the adapter is in W: a plain conv / matmul
-      } else if (name == ad.name && layer->target_info().kind == LayerKind::Conv) {
-        if (auto* conv2 = dynamic_cast<nn::ConvImpl<2>*>(layer)) path = to_string(conv2->last_path());
-        else if (auto* conv1 = dynamic_cast<nn::ConvImpl<1>*>(layer)) path = to_string(conv1->last_path());
-        else if (auto* conv3 = dynamic_cast<nn::ConvImpl<3>*>(layer)) path = to_string(conv3->last_path());
-      }
+    auto* layer = by_name.count(ad.name) ? by_name[ad.name] : nullptr;
+    if (layer && a.mode == "infer") path = "weights merged";  // the adapter is in W: a plain conv / matmul
+    else if (auto* c2 = dynamic_cast<nn::ConvImpl<2>*>(layer)) path = to_string(c2->last_path());
+    else if (auto* c1 = dynamic_cast<nn::ConvImpl<1>*>(layer)) path = to_string(c1->last_path());
+    else if (auto* c3 = dynamic_cast<nn::ConvImpl<3>*>(layer)) path = to_string(c3->last_path());
     if (path != "-") ++paths[path];
     layers.push_back({{"name", ad.name}, {"kind", ad.kind}, {"shape", ad.shape}, {"ranks", ad.ranks}, {"path", path}});
   }

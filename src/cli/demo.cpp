@@ -85,8 +85,6 @@ int run_child(const std::string& config, const std::string& log, double& peak_mb
 void read_metrics(Run& r) {
   std::ifstream in(fs::path(r.config.out) / "metrics.jsonl");
   std::vector<double> step_s;
-  double first_s = 0;
-  bool first = true;
   for (std::string line; std::getline(in, line);) {
     const auto j = json::parse(line, nullptr, false);
     if (j.is_discarded()) continue;
@@ -97,12 +95,10 @@ void read_metrics(Run& r) {
       r.loss.emplace_back(j.value("step", 0), j.value("loss", 0.0));
       const double rate = j.value("images_per_s", 0.0);
       if (rate > 0) step_s.push_back(static_cast<double>(r.config.batch_size) / rate);
-      if (first && step_s.size() == 1) step_s.clear(), first_s = static_cast<double>(r.config.batch_size) / rate;  // warm-up window
-      first = false;
     }
   }
-  if (step_s.empty()) step_s.push_back(first_s);  // a run too short for more than the first window
-  {
+  if (step_s.size() > 1) step_s.erase(step_s.begin());  // the first window warms up
+  if (!step_s.empty()) {
     std::nth_element(step_s.begin(), step_s.begin() + step_s.size() / 2, step_s.end());
     r.step_s = step_s[step_s.size() / 2];
   }
