@@ -7,6 +7,7 @@ packages=(
   build-essential cmake ninja-build ccache
   libtorch-dev libopenblas0-pthread      # LibTorch 1.13 (CPU); OpenBLAS: ~30x faster GEMM than reference BLAS
   nlohmann-json3-dev libcli11-dev        # JSON, command line
+  libgloo-dev                            # c10d Gloo headers (data-parallel training; the library is in LibTorch)
   libyaml-cpp-dev libstb-dev             # trainer configs; image decoding (PNG, JPEG, BMP)
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   python3-torch python3-torchvision      # tests only: independent reference values (torchvision: tests/vision)

@@ -250,6 +250,11 @@ Loader::Loader(const Dataset& dataset, LoaderOptions o, int64_t epoch, int64_t s
   mean_ = torch::tensor(o_.norm.mean, torch::kFloat32).view({1, -1, 1, 1}) * 255.0;
   std_ = torch::tensor(o_.norm.std, torch::kFloat32).view({1, -1, 1, 1}) * 255.0;
   auto order = epoch_order(data_.size(), o_.seed, epoch, o_.shuffle);
+  if (o_.shard_count < 1 || o_.shard_index < 0 || o_.shard_index >= o_.shard_count)
+    throw InvalidArgument("shard " + std::to_string(o_.shard_index) + " of " + std::to_string(o_.shard_count) +
+                          " is invalid (expected 0 <= index < count)");
+  if (o_.pad_shards && !order.empty())
+    for (size_t i = 0; order.size() % static_cast<size_t>(o_.shard_count) != 0; ++i) order.push_back(order[i]);
   // Shard by position in the order: shard k takes positions k, k + K, ...
   std::vector<int64_t> mine;
   for (size_t i = o_.shard_index; i < order.size(); i += o_.shard_count) mine.push_back(order[i]);

@@ -20,6 +20,7 @@
 #include <unordered_set>
 
 #include "flora/data.h"
+#include "flora/distributed.h"
 #include "flora/io/adapter_dir.h"
 #include "flora/io/safetensors.h"
 #include "flora/layers.h"
@@ -120,7 +121,7 @@ const std::map<std::string, Key>& keys() {
       DBL_KEY(clip_grad), STR_KEY(schedule), INT_KEY(warmup_steps), STR_KEY(precision), BOOL_KEY(update_batchnorm),
       {"seed", {[](TrainConfig& c, const std::string& v) { c.seed = static_cast<uint64_t>(to_int("seed", v)); },
                 [](const TrainConfig& c) { return std::to_string(c.seed); }}},
-      STR_KEY(device), STR_KEY(out), BOOL_KEY(resume), INT_KEY(log_every), INT_KEY(checkpoint_every),
+      STR_KEY(device), STR_KEY(out), BOOL_KEY(resume), INT_KEY(log_every), INT_KEY(checkpoint_every), DBL_KEY(dist_timeout),
   };
   return k;
 }
@@ -164,21 +165,31 @@ std::string fingerprint(const TrainConfig& c) {
          std::to_string(c.num_classes) + "|" + join(c.train_modules);
 }
 
-void save_checkpoint(const fs::path& path, const Optim& o, const State& s, const TrainConfig& c) {
+// Every rank's CPU generator state, in rank order (a collective in data-parallel runs).
+std::vector<torch::Tensor> rng_states(dist::Group* group) {
+  auto mine = at::detail::getDefaultCPUGenerator().get_state();
+  if (!group) return {mine};
+  return group->allgather(mine);
+}
+
+// Rank 0 writes; `rng` holds every rank's generator state ("rng.cpu" is rank 0's).
+void save_checkpoint(const fs::path& path, const Optim& o, const State& s, const TrainConfig& c, const std::vector<torch::Tensor>& rng) {
   std::vector<std::pair<std::string, torch::Tensor>> t;
   for (size_t i = 0; i < o.params.size(); ++i) {
     t.emplace_back("param." + o.params[i].first, o.params[i].second.detach().cpu());
     t.emplace_back("exp_avg." + o.params[i].first, o.m[i].cpu());
     t.emplace_back("exp_avg_sq." + o.params[i].first, o.v[i].cpu());
   }
-  t.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+  t.emplace_back("rng.cpu", rng.at(0));
+  for (size_t r = 1; r < rng.size(); ++r) t.emplace_back("rng.cpu.rank" + std::to_string(r), rng[r]);
   std::map<std::string, std::string> meta{{"step", std::to_string(s.step)},       {"epoch", std::to_string(s.epoch)},
                                           {"batch", std::to_string(s.batch)},     {"best_top1", std::to_string(s.best_top1)},
-                                          {"best_step", std::to_string(s.best_step)}, {"fingerprint", fingerprint(c)}};
+                                          {"best_step", std::to_string(s.best_step)}, {"fingerprint", fingerprint(c)},
+                                          {"world_size", std::to_string(rng.size())}};
   io::save_safetensors(path.string(), t, meta);
 }
 
-State load_checkpoint(const fs::path& path, Optim& o, const TrainConfig& c) {
+State load_checkpoint(const fs::path& path, Optim& o, const TrainConfig& c, int rank, int world) {
   io::SafetensorsFile f(path.string());
   const auto& meta = f.metadata();
   auto get = [&](const std::string& k) {
@@ -189,6 +200,11 @@ State load_checkpoint(const fs::path& path, Optim& o, const TrainConfig& c) {
   if (get("fingerprint") != fingerprint(c))
     throw InvalidArgument("checkpoint '" + path.string() + "' was written for another setup (" + get("fingerprint") + ", now " +
                           fingerprint(c) + ") (hint: resume with the same model, method, ranks and targets, or use a new --out)");
+  const int written = meta.count("world_size") ? std::stoi(meta.at("world_size")) : 1;
+  if (written != world)
+    throw InvalidArgument("checkpoint '" + path.string() + "' was written by " + std::to_string(written) + " process(es), now " +
+                          std::to_string(world) + " (hint: resume with --nproc " + std::to_string(written) +
+                          ": each rank's data shard and generator state belong to that layout)");
   std::map<std::string, torch::Tensor> all;
   for (auto& [k, v] : f.load_all()) all[k] = v;
   torch::NoGradGuard no_grad;
@@ -203,7 +219,7 @@ State load_checkpoint(const fs::path& path, Optim& o, const TrainConfig& c) {
   }
   {
     auto gen = at::detail::getDefaultCPUGenerator();
-    gen.set_state(all.at("rng.cpu"));
+    gen.set_state(all.at(rank == 0 ? std::string("rng.cpu") : "rng.cpu.rank" + std::to_string(rank)));
   }
   State s;
   s.step = std::stoll(get("step"));
@@ -218,9 +234,10 @@ State load_checkpoint(const fs::path& path, Optim& o, const TrainConfig& c) {
 
 class Progress {
  public:
-  Progress(int64_t total, int64_t log_every, double images_per_step)
-      : total_(total), every_(log_every), tty_(::isatty(2)), images_per_step_(images_per_step) {}
+  Progress(int64_t total, int64_t log_every, double images_per_step, bool enabled = true)
+      : total_(total), every_(log_every), tty_(::isatty(2)), enabled_(enabled), images_per_step_(images_per_step) {}
   void update(int64_t step, int64_t epoch, int64_t epochs, double loss, double rate) {
+    if (!enabled_) return;
     const double eta = rate > 0 ? (total_ - step) * images_per_step_ / rate : 0;
     char line[256];
     std::snprintf(line, sizeof line, "epoch %lld/%lld  step %lld/%lld  loss %.4f  %.1f img/s  ETA %02d:%02d",
@@ -235,12 +252,12 @@ class Progress {
     }
   }
   void newline() {
-    if (tty_) std::fprintf(stderr, "\n");
+    if (tty_ && enabled_) std::fprintf(stderr, "\n");
   }
 
  private:
   int64_t total_, every_;
-  bool tty_;
+  bool tty_, enabled_;
   double images_per_step_;
 };
 
@@ -403,6 +420,7 @@ void TrainConfig::validate() const {
   if (log_every < 1) bad_value("log_every", std::to_string(log_every), ">= 1");
   if (checkpoint_every < 0) bad_value("checkpoint_every", std::to_string(checkpoint_every), ">= 0");
   if (out.empty()) throw InvalidArgument("no run directory (hint: --out runs/my-run)");
+  if (!(dist_timeout > 0) || !std::isfinite(dist_timeout)) bad_value("dist_timeout", std::to_string(dist_timeout), "> 0 seconds");
 }
 
 double learning_rate(const std::string& schedule, double base, int64_t step, int64_t total, int64_t warmup) {
@@ -425,12 +443,13 @@ void adamw_step(torch::Tensor& p, const torch::Tensor& g, torch::Tensor& m, torc
 }
 
 EvalResult evaluate(Model& model, const std::string& spec, int64_t image_size, int64_t in_channels, int64_t batch_size,
-                    int workers) {
+                    int workers, dist::Group* group) {
   const auto d = load_for(spec, data::Split::Val, image_size, in_channels, workers);
   data::LoaderOptions lo;
   lo.batch_size = batch_size;
   lo.shuffle = false;
   lo.workers = workers;
+  if (group) lo.shard_index = group->rank(), lo.shard_count = group->size();  // disjoint, unpadded: each sample once
   data::Loader loader(d, lo, 0);
   model.train(false);
   torch::NoGradGuard no_grad;
@@ -449,6 +468,13 @@ EvalResult evaluate(Model& model, const std::string& spec, int64_t image_size, i
                                                 torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)).item<double>();
     correct += logits.argmax(1).eq(y).sum().item<int64_t>();
     r.samples += y.size(0);
+  }
+  if (group) {
+    auto totals = torch::tensor({loss, static_cast<double>(correct), static_cast<double>(r.samples)}, torch::kFloat64);
+    group->allreduce_sum(totals);
+    loss = totals[0].item<double>();
+    correct = static_cast<int64_t>(totals[1].item<double>());
+    r.samples = static_cast<int64_t>(totals[2].item<double>());
   }
   r.loss = loss / std::max<int64_t>(1, r.samples);
   r.top1 = static_cast<double>(correct) / std::max<int64_t>(1, r.samples);
@@ -550,7 +576,14 @@ int run_training(const TrainConfig& c) {
   if (!c.resume && fs::exists(ckpt))
     throw InvalidArgument("run directory '" + c.out + "' already has a checkpoint (hint: --resume to continue it, or another --out)");
   const bool resuming = c.resume && fs::exists(ckpt);
-  if (c.resume && !resuming) std::cerr << "flora: note: no checkpoint in '" << c.out << "'; starting a new run\n";
+  // Data-parallel when launched so (torchrun, SLURM, --nproc): joined before the model is built,
+  // so a bad launch fails fast. Rank 0 alone prints progress and writes files.
+  const auto launch = dist::launch_from_env();
+  std::unique_ptr<dist::Group> group;
+  if (launch.world_size > 1) group = dist::Group::connect(launch, c.dist_timeout, c.device == "cuda" ? "nccl" : "gloo");
+  const bool lead = launch.rank == 0;
+  const int world = launch.world_size;
+  if (c.resume && !resuming && lead) std::cerr << "flora: note: no checkpoint in '" << c.out << "'; starting a new run\n";
 
   // Model, adapters and data, all checked before the first step.
   torch::manual_seed(c.seed);
@@ -561,7 +594,7 @@ int run_training(const TrainConfig& c) {
     model->load_state(tensors, /*strict=*/true);
   }
   const auto report = prepare_model(*model, c);
-  if (!report.adapted.empty()) std::cerr << report.format();
+  if (!report.adapted.empty() && lead) std::cerr << report.format();
   const auto train_data = load_for(c.data, data::Split::Train, c.image_size, c.in_channels, c.workers);
   if (c.num_classes == 0 || c.num_classes < static_cast<int64_t>(train_data.classes.size())) {
     // the head must cover the labels: probe it once
@@ -586,13 +619,32 @@ int run_training(const TrainConfig& c) {
   int64_t all = 0;
   for (auto& [n, p] : model->named_parameters()) all += p.numel();
   for (auto& [n, p] : model->adapter_parameters()) all += p.numel();
-  std::cerr << nn::format_summary({trainable, all}) << "\n";
+  if (lead) std::cerr << nn::format_summary({trainable, all}) << "\n";
 
-  fs::create_directories(ckpt_dir);
-  io::atomic_write((out / "config.yaml").string(), c.to_yaml());
+  std::unique_ptr<dist::GradientReducer> reducer;
+  if (group) {
+    std::vector<torch::Tensor> params;
+    for (auto& [n, p] : opt.params) params.push_back(p);
+    {
+      torch::NoGradGuard g;
+      group->broadcast(params);  // identical starting values on every rank, whatever their RNG did
+    }
+    reducer = std::make_unique<dist::GradientReducer>(*group, params);
+    if (lead)
+      std::fprintf(stderr, "flora: data-parallel: %d processes (%s, %s), global batch %lld; %lld bucket(s), %s bytes all-reduced per step (%.2f %% of the model's %s)\n",
+                   world, group->backend().c_str(), launch.source == "slurm" ? "SLURM variables" : "RANK/WORLD_SIZE variables", (long long)(c.batch_size * c.grad_accum * world),
+                   (long long)reducer->buckets(), format_count(reducer->bytes_per_step()).c_str(),
+                   100.0 * static_cast<double>(trainable) / static_cast<double>(std::max<int64_t>(1, all)),
+                   (format_count(all * 4) + " bytes").c_str());
+  }
+
+  if (lead) {
+    fs::create_directories(ckpt_dir);
+    io::atomic_write((out / "config.yaml").string(), c.to_yaml());
+  }
   State st;
   if (resuming) {
-    st = load_checkpoint(ckpt, opt, c);
+    st = load_checkpoint(ckpt, opt, c, launch.rank, world);
     // drop metrics logged after the checkpoint (they will be logged again)
     std::ifstream in(out / "metrics.jsonl");
     std::string kept;
@@ -600,9 +652,11 @@ int run_training(const TrainConfig& c) {
       auto j = json::parse(line, nullptr, false);
       if (!j.is_discarded() && j.value("step", int64_t{0}) <= st.step) kept += line + "\n";
     }
-    io::atomic_write((out / "metrics.jsonl").string(), kept);
-    std::cerr << "flora: resuming '" << c.out << "' at step " << st.step << " (epoch " << st.epoch + 1 << ")\n";
-  } else {
+    if (lead) {
+      io::atomic_write((out / "metrics.jsonl").string(), kept);
+      std::cerr << "flora: resuming '" << c.out << "' at step " << st.step << " (epoch " << st.epoch + 1 << ")\n";
+    }
+  } else if (lead) {
     io::atomic_write((out / "metrics.jsonl").string(), "");
   }
 
@@ -612,7 +666,11 @@ int run_training(const TrainConfig& c) {
   lo.augment = c.augment == "default";
   lo.seed = c.seed;
   lo.workers = c.workers;
-  const int64_t micro_per_epoch = (train_data.size() + c.batch_size - 1) / c.batch_size;
+  lo.shard_index = launch.rank;
+  lo.shard_count = world;
+  lo.pad_shards = world > 1;  // equal step counts on every rank
+  const int64_t shard_size = (train_data.size() + world - 1) / world;
+  const int64_t micro_per_epoch = (shard_size + c.batch_size - 1) / c.batch_size;
   const int64_t steps_per_epoch = std::max<int64_t>(1, micro_per_epoch / c.grad_accum);
   const int64_t total = c.steps > 0 ? c.steps : c.epochs * steps_per_epoch;
   const int64_t epochs = (total + steps_per_epoch - 1) / steps_per_epoch;
@@ -630,6 +688,7 @@ int run_training(const TrainConfig& c) {
   g_stop = 0;
 
   auto save_adapter_to = [&](const fs::path& dir) {
+    if (!lead) return;
     if (c.method == "flora" || c.method == "lora") io::save_adapter(model->layers(), dir.string(), {"default", c.model});
     if (c.method == "full" || c.method == "frozen" || c.num_classes > 0 || !c.train_modules.empty()) {
       // fully trained tensors (head, train modules, or everything): PEFT's modules_to_save role
@@ -648,11 +707,13 @@ int run_training(const TrainConfig& c) {
   };
   auto evaluate_now = [&](int64_t epoch) {
     if (c.val_data.empty()) return;
-    const auto r = evaluate(*model, c.val_data, c.image_size, c.in_channels, c.batch_size, c.workers);
-    append_line(out / "metrics.jsonl", {{"type", "eval"}, {"step", st.step}, {"epoch", epoch + 1}, {"eval_loss", r.loss},
-                                        {"top1", r.top1}, {"samples", r.samples}});
-    std::fprintf(stderr, "eval epoch %lld step %lld: loss %.4f top-1 %.2f %%\n", (long long)epoch + 1, (long long)st.step, r.loss,
-                 100 * r.top1);
+    const auto r = evaluate(*model, c.val_data, c.image_size, c.in_channels, c.batch_size, c.workers, group.get());
+    if (lead) {
+      append_line(out / "metrics.jsonl", {{"type", "eval"}, {"step", st.step}, {"epoch", epoch + 1}, {"eval_loss", r.loss},
+                                          {"top1", r.top1}, {"samples", r.samples}});
+      std::fprintf(stderr, "eval epoch %lld step %lld: loss %.4f top-1 %.2f %%\n", (long long)epoch + 1, (long long)st.step, r.loss,
+                   100 * r.top1);
+    }
     if (r.top1 > st.best_top1) {
       st.best_top1 = r.top1;
       st.best_step = st.step;
@@ -660,8 +721,8 @@ int run_training(const TrainConfig& c) {
     }
   };
 
-  Progress progress(total, c.log_every, static_cast<double>(c.batch_size * c.grad_accum));
-  double window_loss = 0, window_images = 0;
+  Progress progress(total, c.log_every, static_cast<double>(c.batch_size * c.grad_accum * world), lead);
+  double window_loss = 0, window_images = 0, step_loss = 0, step_images = 0;
   auto window_start = std::chrono::steady_clock::now();
   for (int64_t epoch = st.epoch; epoch < epochs && st.step < total; ++epoch) {
     data::Loader loader(train_data, lo, epoch, epoch == st.epoch ? st.batch : 0);
@@ -681,12 +742,25 @@ int run_training(const TrainConfig& c) {
                     " (epoch " + std::to_string(epoch + 1) + "); stopped, the last good checkpoint is '" + ckpt.string() +
                     "' (hint: lower --lr, or --clip-grad)");
       }
+      const bool ends_step = (micro + 1) % c.grad_accum == 0 || micro + 1 >= micro_per_epoch;
+      if (reducer && ends_step) reducer->arm();  // its hooks start the all-reduce during this backward
       (loss / static_cast<double>(c.grad_accum)).backward();
-      window_loss += value * y.size(0);
-      window_images += y.size(0);
+      step_loss += value * y.size(0);
+      step_images += y.size(0);
       ++micro;
-      if (micro % c.grad_accum != 0 && micro < micro_per_epoch) continue;
+      if (!ends_step) continue;
       // one optimizer step
+      bool stop = g_stop != 0;
+      if (reducer) {  // average the gradients; agree on stopping; the global loss for the log
+        auto control = torch::tensor({stop ? 1.0 : 0.0, step_loss, step_images}, torch::kFloat64);
+        reducer->finish(control);
+        stop = control[0].item<double>() > 0;
+        step_loss = control[1].item<double>();
+        step_images = control[2].item<double>();
+      }
+      window_loss += step_loss;
+      window_images += step_images;
+      step_loss = step_images = 0;
       std::vector<torch::Tensor> grads;
       for (auto& [n, p] : opt.params) grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
       if (c.clip_grad > 0) {
@@ -704,25 +778,30 @@ int run_training(const TrainConfig& c) {
       ++st.step;
       st.batch = micro;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
-      const double rate = window_images / std::max(secs, 1e-9);
+      const double rate = window_images / std::max(secs, 1e-9);  // all ranks' images
       progress.update(st.step, epoch, epochs, window_loss / std::max(1.0, window_images), rate);
       if (st.step % c.log_every == 0 || st.step == total) {
-        append_line(out / "metrics.jsonl", {{"type", "train"}, {"step", st.step}, {"epoch", epoch + 1}, {"loss", window_loss / window_images},
-                                            {"lr", lr}, {"images_per_s", rate}, {"loader_wait_s", loader.wait_seconds()}});
+        json line{{"type", "train"}, {"step", st.step}, {"epoch", epoch + 1}, {"loss", window_loss / window_images},
+                  {"lr", lr}, {"images_per_s", rate}, {"loader_wait_s", loader.wait_seconds()}};
+        if (reducer) line["allreduce_bytes_per_step"] = reducer->bytes_per_step(), line["processes"] = world;
+        if (lead) append_line(out / "metrics.jsonl", line);
         window_loss = window_images = 0;
         window_start = std::chrono::steady_clock::now();
       }
       const bool epoch_end = micro >= micro_per_epoch;
-      if (g_stop || (c.checkpoint_every > 0 && st.step % c.checkpoint_every == 0)) {
+      if (stop || (c.checkpoint_every > 0 && st.step % c.checkpoint_every == 0)) {
         State s = st;
         if (epoch_end) s.epoch = epoch + 1, s.batch = 0;
         else s.epoch = epoch;
-        save_checkpoint(ckpt, opt, s, c);
+        const auto rng = rng_states(group.get());
+        if (lead) save_checkpoint(ckpt, opt, s, c, rng);
       }
-      if (g_stop) {
+      if (stop) {
         progress.newline();
-        std::cerr << "flora: " << (g_stop == SIGINT ? "interrupted" : "terminated") << " at step " << st.step
-                  << "; checkpoint saved to '" << ckpt.string() << "' (resume with --resume)\n";
+        if (lead)
+          std::cerr << "flora: " << (g_stop == SIGTERM ? "terminated" : "interrupted") << " at step " << st.step
+                    << "; checkpoint saved to '" << ckpt.string() << "' (resume with --resume)\n";
+        if (group) group->barrier();  // the checkpoint is complete before any rank exits
         return 130;
       }
     }
@@ -734,9 +813,12 @@ int run_training(const TrainConfig& c) {
       st.batch = micro;
     }
     evaluate_now(epoch);
-    save_checkpoint(ckpt, opt, st, c);
+    const auto rng = rng_states(group.get());
+    if (lead) save_checkpoint(ckpt, opt, st, c, rng);
   }
   save_adapter_to(out / "adapter");
+  if (group) group->barrier();  // every file is written before any rank reports success
+  if (!lead) return 0;
   write_report(out, c);
   std::cerr << "flora: done: " << st.step << " steps; adapter in '" << (out / "adapter").string() << "'"
             << (st.best_step >= 0 ? ", best top-1 " + std::to_string(100 * st.best_top1) + " % at step " + std::to_string(st.best_step) : "")

@@ -59,6 +59,9 @@ struct LoaderOptions {
   int workers = 2;        ///< batches prepared ahead, one thread each
   /// Only these sample positions of the epoch's order (data-parallel shards); empty: all.
   int64_t shard_index = 0, shard_count = 1;
+  /// Pad the order by wrapping around to a multiple of shard_count, so every shard has the same
+  /// number of samples (torch's DistributedSampler); training ranks need equal step counts.
+  bool pad_shards = false;
   Normalization norm;     ///< empty: default_normalization(channels)
 };
 

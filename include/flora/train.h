@@ -23,6 +23,9 @@
 
 namespace flora {
 class Model;
+namespace dist {
+class Group;
+}
 namespace train {
 
 struct TrainConfig {
@@ -59,6 +62,7 @@ struct TrainConfig {
   std::string out;
   bool resume = false;
   int64_t log_every = 10, checkpoint_every = 0;  ///< 0: checkpoint each epoch
+  double dist_timeout = 600;         ///< data-parallel: seconds any rendezvous or collective may take
 
   /// Checks every value (and that files and directories exist) before any work; throws
   /// InvalidArgument naming the key and the expected values.
@@ -89,8 +93,9 @@ struct EvalResult {
   int64_t samples = 0;
 };
 /// Mean cross-entropy and top-1 accuracy of `model` on `data_spec` (the Val split), eval mode.
+/// With a process group each rank evaluates its shard and the totals are summed over ranks.
 EvalResult evaluate(Model& model, const std::string& data_spec, int64_t image_size, int64_t in_channels,
-                    int64_t batch_size, int workers);
+                    int64_t batch_size, int workers, dist::Group* group = nullptr);
 
 /// Sets `model` up for the configured method: a new head (num_classes), adapters on the targets
 /// (flora, lora; base frozen), everything trainable (full), train_modules. Returns the injection
@@ -98,6 +103,9 @@ EvalResult evaluate(Model& model, const std::string& data_spec, int64_t image_si
 InjectionReport prepare_model(Model& model, const TrainConfig& config);
 /// Runs the configured training; returns the exit code (0 done, 130 interrupted with a
 /// checkpoint saved). Throws flora::Error for runtime failures (a NaN loss included).
+/// Data-parallel when the environment names a world size > 1 (torchrun's RANK/WORLD_SIZE or
+/// SLURM's, see flora/distributed.h): each rank trains on its shard, gradients of the trainable
+/// parameters are averaged, rank 0 writes every file; docs/DISTRIBUTED.md.
 int run_training(const TrainConfig& config);
 
 /// The SVG line chart used in report.html: one polyline per series over (x, y) points.

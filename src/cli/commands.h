@@ -3,6 +3,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace CLI {
 class App;
@@ -25,5 +26,9 @@ int inspect_adapter(const std::string& path, bool json);
 /// A model's parameters (TorchScript .pt or an architecture name), or with `plan` what each
 /// layer would get under that method (the injection report, ranks clipped and said so).
 int inspect_model(const std::string& model, const train::TrainConfig* plan, bool json);
+/// `flora train --nproc N`: runs `flora WORKER_ARGS...` in N processes with torchrun's variables
+/// (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...) and supervises them; the first failing worker stops
+/// the others (SIGTERM, SIGKILL after 10 s). Returns 0, 130 when interrupted, else the failure's code.
+int launch_local_workers(int nproc, const std::vector<std::string>& worker_args, int threads_per_worker);
 }  // namespace cli
 }  // namespace flora

@@ -63,6 +63,7 @@ const Flag kFlags[] = {
     {"out", "Run directory"},
     {"log_every", "Log a metrics line every N steps"},
     {"checkpoint_every", "Checkpoint every N steps (0: each epoch)"},
+    {"dist_timeout", "Data-parallel: seconds a rendezvous or collective may take before the job fails"},
 };
 
 std::string flag_name(const char* key) {
@@ -76,9 +77,10 @@ struct TrainArgs {
   std::vector<std::string> positional;  // [CONFIG.yaml] [key=value ...]
   std::map<std::string, std::string> flags;
   bool resume = false;
+  int nproc = 1;
 };
 
-int run_train(const TrainArgs& a, const std::map<std::string, CLI::Option*>& options, CLI::Option* resume) {
+train::TrainConfig config_from(const TrainArgs& a, const std::map<std::string, CLI::Option*>& options, CLI::Option* resume) {
   std::string yaml;
   std::vector<std::string> overrides;
   for (const auto& p : a.positional) {
@@ -92,8 +94,21 @@ int run_train(const TrainArgs& a, const std::map<std::string, CLI::Option*>& opt
     if (opt->count() > 0) all.push_back(key + "=" + a.flags.at(key));
   if (resume->count() > 0) all.push_back("resume=true");
   all.insert(all.end(), overrides.begin(), overrides.end());
-  auto config = train::load_config(yaml, all);
-  return train::run_training(config);
+  return train::load_config(yaml, all);
+}
+
+int run_train(const TrainArgs& a, const std::map<std::string, CLI::Option*>& options, CLI::Option* resume) {
+  const auto config = config_from(a, options, resume);
+  if (a.nproc == 1) return train::run_training(config);
+  config.validate();  // one error here rather than one per worker
+  // The same command in N workers, each with its share of the threads; they join through the
+  // environment launch_local_workers sets, as under torchrun.
+  std::vector<std::string> args{"train"};
+  args.insert(args.end(), a.positional.begin(), a.positional.end());
+  for (const auto& [key, opt] : options)
+    if (opt->count() > 0) args.push_back(flag_name(key.c_str())), args.push_back(a.flags.at(key));
+  if (resume->count() > 0) args.push_back("--resume");
+  return launch_local_workers(a.nproc, args, std::max(1, torch::get_num_threads() / a.nproc));
 }
 
 void add_train(CLI::App& app, std::function<int()>& run) {
@@ -107,6 +122,11 @@ void add_train(CLI::App& app, std::function<int()>& run) {
     (*options)[f.key] = c->add_option(flag_name(f.key), a->flags[f.key], std::string(f.help) + (d.empty() ? "" : " [default: " + d + "]"));
   }
   auto* resume = c->add_flag("--resume", a->resume, "Continue from RUN_DIR/checkpoints/last.safetensors");
+  c->add_option("--nproc", a->nproc,
+                "Data-parallel: start N local worker processes (Gloo); --batch-size is per process. "
+                "torchrun and srun launches need no flag (docs/DISTRIBUTED.md)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1024));
   c->footer("Writes RUN_DIR/adapter/, checkpoints/, metrics.jsonl, config.yaml and report.html. "
             "SIGINT/SIGTERM save a checkpoint and exit 130.");
   c->callback([a, options, resume, &run] { run = [a, options, resume] { return run_train(*a, *options, resume); }; });
