@@ -90,6 +90,9 @@ struct Group::Impl {
   int rank = 0, size = 1;
   std::string backend;
   double timeout_s = 0;
+  torch::Device device = torch::kCPU;  ///< where the backend reduces: CPU (Gloo) or cuda:LOCAL_RANK (NCCL)
+  /// `t` where the backend can reduce it (a copy for CPU tensors under NCCL).
+  torch::Tensor staged(const torch::Tensor& t) const { return t.device() == device ? t : t.to(device); }
 };
 
 Group::Group(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -125,17 +128,20 @@ std::unique_ptr<Group> Group::connect(const Launch& l, double timeout_s, const s
     impl->store = c10::make_intrusive<c10d::PrefixStore>("flora", c10::make_intrusive<c10d::TCPStore>(l.master_addr, so));
     if (backend == "gloo") {
       auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-      // The address the peers reach this process at: loopback for a one-machine job, else the
-      // host name (Gloo resolves it), as torch.distributed does.
+      // The address the peers reach this process at: GLOO_SOCKET_IFNAME's interface when set (as
+      // torch.distributed reads it), loopback for a one-machine job, else the host name's address.
+      const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
       const bool local = l.master_addr == "127.0.0.1" || l.master_addr == "localhost";
-      opts->devices.push_back(local ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
-                                    : c10d::ProcessGroupGloo::createDefaultDevice());
+      opts->devices.push_back(ifname && *ifname ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
+                              : local           ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
+                                                : c10d::ProcessGroupGloo::createDefaultDevice());
       impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, l.rank, l.world_size, opts);
     }
 #ifdef FLORA_WITH_NCCL
     if (backend == "nccl") {
       auto opts = c10d::ProcessGroupNCCL::Options::create();
       opts->timeout = timeout;
+      impl->device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(l.local_rank));
       impl->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(impl->store, l.rank, l.world_size, opts);
     }
 #endif
@@ -170,26 +176,30 @@ void collective(const Group& g, const char* what, F&& f) {
 void Group::broadcast(std::vector<torch::Tensor>& tensors) {
   collective(*this, "broadcast", [&] {
     for (auto& t : tensors) {
-      std::vector<at::Tensor> one{t};
+      std::vector<at::Tensor> one{impl_->staged(t)};
       impl_->pg->broadcast(one)->wait();
+      if (!one[0].is_same(t)) t.copy_(one[0]);
     }
   });
 }
 
 void Group::allreduce_sum(torch::Tensor& t) {
   collective(*this, "all-reduce", [&] {
-    std::vector<at::Tensor> one{t};
+    std::vector<at::Tensor> one{impl_->staged(t)};
     impl_->pg->allreduce(one)->wait();
+    if (!one[0].is_same(t)) t.copy_(one[0]);
   });
 }
 
 std::vector<torch::Tensor> Group::allgather(const torch::Tensor& t) {
   std::vector<std::vector<at::Tensor>> out(1);
-  for (int r = 0; r < size(); ++r) out[0].push_back(torch::empty_like(t));
+  const auto in_place = impl_->staged(t.contiguous());
+  for (int r = 0; r < size(); ++r) out[0].push_back(torch::empty_like(in_place));
   collective(*this, "all-gather", [&] {
-    std::vector<at::Tensor> in{t.contiguous()};
+    std::vector<at::Tensor> in{in_place};
     impl_->pg->allgather(out, in)->wait();
   });
+  for (auto& x : out[0]) x = x.to(t.device());
   return out[0];
 }
 
@@ -312,8 +322,9 @@ void GradientReducer::finish(torch::Tensor& control) {
   armed_ = false;
   collective(group_, "gradient all-reduce", [&] {
     for (auto& b : buckets_) b.work->wait();
-    std::vector<at::Tensor> one{control};
+    std::vector<at::Tensor> one{group_.impl().staged(control)};
     group_.impl().pg->allreduce(one)->wait();
+    if (!one[0].is_same(control)) control.copy_(one[0]);
   });
   const double n = static_cast<double>(group_.size());
   for (auto& b : buckets_) b.flat.div_(n);

@@ -456,8 +456,12 @@ EvalResult evaluate(Model& model, const std::string& spec, int64_t image_size, i
   EvalResult r;
   double loss = 0;
   int64_t correct = 0;
+  const auto named = model.named_parameters();  // evaluate where the model is
+  const torch::Device device = named.empty() ? torch::Device(torch::kCPU) : named.front().second.device();
   torch::Tensor x, y;
   while (loader.next(x, y)) {
+    x = x.to(device);
+    y = y.to(device);
     auto logits = model.forward(x);
     if (logits.dim() != 2)
       throw Error("model output has shape " + format_shape(logits.sizes().vec()) + ", expected [batch, classes] (hint: a classifier)");
@@ -606,6 +610,10 @@ int run_training(const TrainConfig& c) {
                             std::to_string(train_data.classes.size()) + " classes of '" + c.data + "' (hint: --num-classes " +
                             std::to_string(train_data.classes.size()) + ")");
   }
+  // The device: CPU, or under data parallelism with --device cuda this rank's GPU (LOCAL_RANK).
+  const torch::Device device = c.device == "cuda" ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(launch.local_rank))
+                                                  : torch::Device(torch::kCPU);
+  model->to(device);
   Optim opt;
   opt.params = model->trainable_parameters();
   if (opt.params.empty())
@@ -730,6 +738,8 @@ int run_training(const TrainConfig& c) {
     torch::Tensor x, y;
     int64_t micro = epoch == st.epoch ? st.batch : 0;
     while (st.step < total && loader.next(x, y)) {
+      x = x.to(device);
+      y = y.to(device);
       torch::Tensor loss;
       {
         Autocast ac(bf16);
@@ -764,7 +774,7 @@ int run_training(const TrainConfig& c) {
       std::vector<torch::Tensor> grads;
       for (auto& [n, p] : opt.params) grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
       if (c.clip_grad > 0) {
-        auto norm2 = torch::zeros({}, torch::kFloat64);
+        auto norm2 = torch::zeros({}, grads.front().options().dtype(torch::kFloat64));
         for (auto& g : grads) norm2 += g.pow(2).sum().to(torch::kFloat64);
         const double norm = std::sqrt(norm2.item<double>());
         if (norm > c.clip_grad)
