@@ -580,6 +580,18 @@ int run_training(const TrainConfig& c) {
   if (!c.resume && fs::exists(ckpt))
     throw InvalidArgument("run directory '" + c.out + "' already has a checkpoint (hint: --resume to continue it, or another --out)");
   const bool resuming = c.resume && fs::exists(ckpt);
+  // From here on SIGINT/SIGTERM only set a flag: the loop checkpoints and stops at the next step.
+  // (Set early: a data-parallel launcher may signal a worker that is still setting up.)
+  auto previous_int = std::signal(SIGINT, on_signal);
+  auto previous_term = std::signal(SIGTERM, on_signal);
+  struct RestoreSignals {
+    decltype(previous_int) a, b;
+    ~RestoreSignals() {
+      std::signal(SIGINT, a);
+      std::signal(SIGTERM, b);
+    }
+  } restore_signals{previous_int, previous_term};
+  g_stop = 0;
   // Data-parallel when launched so (torchrun, SLURM, --nproc): joined before the model is built,
   // so a bad launch fails fast. Rank 0 alone prints progress and writes files.
   const auto launch = dist::launch_from_env();
@@ -684,16 +696,6 @@ int run_training(const TrainConfig& c) {
   const int64_t epochs = (total + steps_per_epoch - 1) / steps_per_epoch;
   const bool bf16 = c.precision == "bf16";
 
-  auto previous_int = std::signal(SIGINT, on_signal);
-  auto previous_term = std::signal(SIGTERM, on_signal);
-  struct RestoreSignals {
-    decltype(previous_int) a, b;
-    ~RestoreSignals() {
-      std::signal(SIGINT, a);
-      std::signal(SIGTERM, b);
-    }
-  } restore_signals{previous_int, previous_term};
-  g_stop = 0;
 
   auto save_adapter_to = [&](const fs::path& dir) {
     if (!lead) return;
@@ -729,6 +731,10 @@ int run_training(const TrainConfig& c) {
     }
   };
 
+  if (g_stop) {  // a signal during setup: stop before any step (nothing to checkpoint)
+    std::cerr << "flora: " << (g_stop == SIGTERM ? "terminated" : "interrupted") << " during setup; no step was taken\n";
+    return 130;
+  }
   Progress progress(total, c.log_every, static_cast<double>(c.batch_size * c.grad_accum * world), lead);
   double window_loss = 0, window_images = 0, step_loss = 0, step_images = 0;
   auto window_start = std::chrono::steady_clock::now();

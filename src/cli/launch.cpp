@@ -74,6 +74,7 @@ int launch_local_workers(int nproc, const std::vector<std::string>& worker_args,
 
   std::vector<pid_t> pids(static_cast<size_t>(nproc), 0);
   std::vector<int> status(static_cast<size_t>(nproc), -1);
+  std::vector<bool> forced(static_cast<size_t>(nproc), false);
   for (int r = 0; r < nproc; ++r) {
     std::vector<std::string> env;
     for (char** e = environ; *e; ++e) {
@@ -133,7 +134,7 @@ int launch_local_workers(int nproc, const std::vector<std::string>& worker_args,
     }
     if (std::chrono::steady_clock::now() > stop_time) {  // a worker ignored SIGTERM (hung): force it
       for (int k = 0; k < nproc; ++k)
-        if (status[k] == -1) ::kill(pids[k], SIGKILL);
+        if (status[k] == -1) ::kill(pids[k], SIGKILL), forced[k] = true;
       stop_time = std::chrono::steady_clock::time_point::max();
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -141,6 +142,9 @@ int launch_local_workers(int nproc, const std::vector<std::string>& worker_args,
   sigaction(SIGINT, &old_int, nullptr);
   sigaction(SIGTERM, &old_term, nullptr);
   if (first_failure >= 0) {
+    for (int r = 0; r < nproc; ++r)
+      if (r != first_failure)
+        std::cerr << "flora: worker " << r << " " << (forced[r] ? "did not stop within 10 s and was killed" : describe_status(status[r])) << "\n";
     std::cerr << "flora: error: data-parallel job failed: worker " << first_failure << " of " << nproc << " "
               << describe_status(status[first_failure]) << " (hint: its error is printed above)\n";
     return exit_code(status[first_failure]);
