@@ -164,7 +164,10 @@ void collective(const Group& g, const char* what, F&& f) {
     f();
   } catch (const std::exception& e) {
     const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const bool timed_out = took >= 0.9 * g.timeout_s();
+    // (a bucket started during backward may time out soon after its wait began: Gloo says so)
+    const std::string m = e.what();
+    const bool timed_out = took >= 0.9 * g.timeout_s() || m.find("Timed out") != std::string::npos ||
+                           m.find("timed out") != std::string::npos;
     throw Error(std::string(what) + (timed_out ? " did not complete within " + std::to_string(static_cast<int>(g.timeout_s())) + " s" : " failed") +
                 " on " + describe(g) + ": " + std::string(e.what()).substr(0, 300) +
                 (timed_out ? " (hint: a worker stopped responding; raise --dist-timeout if it was only slow)"
