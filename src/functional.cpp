@@ -211,6 +211,69 @@ Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<
 
 }  // namespace
 
+namespace {
+
+// The dense banded matrix of a 1-d correlation along one axis: T [n_out, n_in, r] with
+// T[o, h, :] = u[i, :] where h = o * stride + i * dilation - pad (0 <= i < k), zero elsewhere
+// (positions in the zero padding are simply absent). The gather's backward scatters into u.
+Tensor band_matrix(const Tensor& u, int64_t n_in, int64_t stride, int64_t pad, int64_t dilation) {
+  const int64_t k = u.size(0), r = u.size(1);
+  const int64_t n_out = (n_in + 2 * pad - dilation * (k - 1) - 1) / stride + 1;
+  std::vector<int64_t> idx(static_cast<size_t>(n_out * n_in), k);  // k: the appended zero row
+  for (int64_t o = 0; o < n_out; ++o)
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t h = o * stride + i * dilation - pad;
+      if (h >= 0 && h < n_in) idx[static_cast<size_t>(o * n_in + h)] = i;
+    }
+  const Tensor index = at::tensor(idx, u.options().dtype(at::kLong));
+  return at::cat({u, at::zeros({1, r}, u.options())}).index_select(0, index).view({n_out, n_in, r});
+}
+
+}  // namespace
+
+Tensor separable_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
+                        const ConvGeometry& geo) {
+  check_factors(core, factors, "separable_branch");
+  const auto shape = full_shape(core, factors);  // [out, 1, kh, kw]
+  if (geo.dims() != 2 || core.dim() != 4 || shape[1] != 1 || x.dim() != 4 || x.size(1) != geo.groups ||
+      shape[0] % geo.groups != 0)
+    throw InvalidArgument("separable_branch: needs a 2-d conv with in_channels/groups == 1 and input [N, groups, H, W], "
+                          "got weight " + format_shape(shape) + ", groups " + std::to_string(geo.groups) +
+                          ", input " + format_shape(x.sizes().vec()) +
+                          " (hint: use conv_branch or conv_nd(x, dW) for other convs)");
+  // M = s * G x_0 U_0 x_1 U_1: [out, 1, r_2, r_3] -> [C, m, r_2, r_3] (m = out / C, the multiplier).
+  const int64_t C = geo.groups, out = shape[0], m = out / C;
+  Tensor mix = tucker_delta(core, {factors[0], factors[1], Tensor(), Tensor()}, scale);
+  const int64_t r2 = mix.size(2), r3 = mix.size(3);
+  auto spatial = [&](size_t n) {
+    return factors[n].defined() ? factors[n] : at::eye(shape[n], core.options());
+  };
+
+  Tensor in = x;
+  std::vector<int64_t> pad = geo.padding;
+  if (geo.padding_mode != PaddingMode::Zeros && (pad[0] != 0 || pad[1] != 0)) {
+    const char* mode = geo.padding_mode == PaddingMode::Reflect     ? "reflect"
+                       : geo.padding_mode == PaddingMode::Replicate ? "replicate"
+                                                                    : "circular";
+    in = at::pad(x, {pad[1], pad[1], pad[0], pad[0]}, mode);
+    pad = {0, 0};
+  }
+  const int64_t N = in.size(0), H = in.size(2), W = in.size(3);
+  const Tensor t2 = band_matrix(spatial(2), H, geo.stride[0], pad[0], geo.dilation[0]);  // [Ho, H, r2]
+  const Tensor t3 = band_matrix(spatial(3), W, geo.stride[1], pad[1], geo.dilation[1]);  // [Wo, W, r3]
+  const int64_t Ho = t2.size(0), Wo = t3.size(0);
+
+  // v[(b, ho), (n, c, w)] = sum_h T2[ho, h, b] x[n, c, h, w]: one GEMM over every image and channel.
+  const Tensor xt = in.permute({2, 0, 1, 3}).reshape({H, N * C * W});
+  const Tensor v = t2.permute({2, 0, 1}).reshape({r2 * Ho, H}).mm(xt);
+  // u[(b, ho, n, c), (d, wo)] = sum_w v[..., w] T3[wo, w, d]: a second GEMM.
+  const Tensor u = v.view({r2 * Ho * N * C, W}).mm(t3.permute({1, 2, 0}).reshape({W, r3 * Wo}));
+  // y[ho, n, c, j, wo] = sum_{b, d} M[c, j, b, d] u[b, ho, n, c, d, wo]; then [N, out, Ho, Wo].
+  const Tensor ub = u.view({r2, Ho, N, C, 1, r3, Wo});
+  const Tensor mb = mix.view({C, m, r2, r3}).permute({2, 0, 1, 3}).reshape({r2, 1, 1, C, m, r3, 1});
+  return (ub * mb).sum(std::vector<int64_t>{0, 5}).view({Ho, N, out, Wo}).permute({1, 2, 0, 3});
+}
+
 Tensor embedding_branch(const Tensor& indices, const Tensor& core, const std::vector<Tensor>& factors,
                         double scale, c10::optional<int64_t> padding_idx) {
   check_factors(core, factors, "embedding_branch");

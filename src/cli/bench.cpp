@@ -65,8 +65,8 @@ int run_step(const StepArgs& a) {
   c.conv_path = a.conv_path;
   c.targets = a.targets;
   c.num_classes = a.num_classes;
-  if (c.conv_path != "auto" && c.conv_path != "merged" && c.conv_path != "factorized")
-    throw InvalidArgument("--conv-path '" + c.conv_path + "' is unknown (expected auto, merged or factorized)");
+  if (c.conv_path != "auto" && c.conv_path != "merged" && c.conv_path != "factorized" && c.conv_path != "separable")
+    throw InvalidArgument("--conv-path '" + c.conv_path + "' is unknown (expected auto, merged, factorized or separable)");
 
   torch::manual_seed(0);
   auto model = open_model(a.model);
@@ -179,7 +179,7 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
   c->add_option("--alpha", a->alpha, "LoRA alpha")->capture_default_str();
   c->add_option("--targets", a->targets, "Modules to adapt, as flora train: names, a regex, all-linear or all-conv "
                                          "(default: every conv and linear but the head)");
-  c->add_option("--conv-path", a->conv_path, "auto (cost model), merged or factorized")->capture_default_str();
+  c->add_option("--conv-path", a->conv_path, "auto (cost model), merged, factorized or separable (depthwise Conv2d only)")->capture_default_str();
   c->add_option("--num-classes", a->num_classes, "New head with K classes (0: keep the model's)")->capture_default_str();
   c->add_option("--batch-size", a->batch_size, "Batch size")->capture_default_str()->check(CLI::PositiveNumber);
   c->add_option("--image-size", a->image_size, "Image size (PX x PX, 3 channels)")->capture_default_str()->check(CLI::PositiveNumber);
