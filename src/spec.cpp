@@ -376,10 +376,12 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
     c.factorized = s1 * (grad_in ? 3.0 : 2.0) + 3.0 * s2 + 3.0 * s3 + 2.0 * kMemCost * traffic;
   }
 
-  // Separable (2-d, in/groups == 1): dense banded GEMMs over all channels at once,
-  // v = T_2 [r_2 Ho, H] x [H, N C W], u = v [r_2 Ho N C, W] T_3 [W, r_3 Wo], then the
-  // per-channel mix with M [out, r_2 r_3] (elementwise). T_2, T_3 are dense in H and W, which
-  // is why large images favour the merged path.
+  // Separable (2-d, in/groups == 1), functional::separable_branch: a dense banded GEMM over all
+  // channels (v = T_2 [r_2 Ho, H] x [H, N C W]), the per-channel mix with M into
+  // w [Ho, N, out, r_3, W] (elementwise), a second GEMM w [Ho N out, r_3 W] T_3 [r_3 W, Wo].
+  // T_2, T_3 are dense in H and W, which is why large images favour the merged path. Backward
+  // recomputes v and w (memory: nothing saved beyond x), hence 4 passes of the first GEMM and
+  // the mix, 3 of the second.
   c.separable = std::numeric_limits<double>::infinity();
   if (separable_applies(s.target) && in.kernel.size() == 2 && in.in_spatial.size() == 2) {
     const double N = static_cast<double>(in.batch), C = static_cast<double>(in.in_channels);
@@ -387,13 +389,13 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
     const double Ho = static_cast<double>(in.out_spatial[0]), Wo = static_cast<double>(in.out_spatial[1]);
     const double r2 = static_cast<double>(s.ranks[2]), r3 = static_cast<double>(s.ranks[3]);
     const double sv = N * C * W * H * r2 * Ho;
-    const double sh = N * C * r2 * Ho * W * r3 * Wo;
-    const double mix = p_out * out * r2 * r3;
-    const double moved = N * C * H * W + N * C * r2 * Ho * W + 2.0 * mix + p_out * out;
+    const double mix = Ho * N * out * W * r2 * r3;
+    const double sh = Ho * N * out * r3 * W * Wo;
+    const double moved = N * C * H * W + N * C * r2 * Ho * W + Ho * N * out * r3 * W + p_out * out;
     if (!in.training)
-      c.separable = sv + sh + mix + kMemCost * moved;
+      c.separable = sv + mix + sh + kMemCost * moved;
     else
-      c.separable = sv * (grad_in ? 3.0 : 2.0) + 3.0 * sh + 3.0 * mix + 2.0 * kMemCost * moved;
+      c.separable = sv * (grad_in ? 4.0 : 3.0) + 4.0 * mix + 3.0 * sh + 2.0 * kMemCost * moved;
   }
 
   if (s.conv_path != ConvPath::Auto) {

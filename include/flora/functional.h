@@ -67,8 +67,8 @@ Tensor conv_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor
 /// dW[o] = sum_{b,d} M[o, b, d] U_2[:, b] U_3[:, d]^T: r_2 * r_3 rank-one spatial filters shared
 /// by every channel. Each is applied as two dense banded matrices (T_2 [r_2 Ho, H] from U_2 with
 /// the vertical stride/padding/dilation, T_3 [W, r_3 Wo] likewise), i.e. two GEMMs over all
-/// channels and images at once, then mixed per output channel by M. Autograd differentiates it;
-/// no depthwise weight gradient is computed. Non-zero padding modes pad x explicitly first.
+/// channels and images at once, then mixed per output channel by M. Its backward is written by
+/// hand (the same GEMMs transposed) and keeps only x: no depthwise weight gradient is computed. Non-zero padding modes pad x explicitly first.
 /// Identity spatial modes use the identity matrix as their factor.
 Tensor separable_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
                         const ConvGeometry& geo);
