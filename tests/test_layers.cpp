@@ -433,6 +433,10 @@ TEST(FloraConv, CostModelPicksSeparableForConvNextDepthwiseOnly) {
     EXPECT_LT(costs.separable, costs.merged);
     // Inference: the cached merged weight costs nothing extra.
     EXPECT_EQ(dw->path_costs({16, c, hw, hw}, false, false).choice, ConvPath::Merged);
+    // LoRA keeps the spatial modes whole (r_2 = r_3 = 7): 49 mix terms, measured slower.
+    flora::nn::Conv2d lora(torch::nn::Conv2dOptions(c, c, 7).groups(c).padding(3));
+    lora->add_adapter("default", AdapterOptions().method(Method::Lora).rank(16));
+    EXPECT_EQ(lora->path_costs({16, c, hw, hw}, true, true).choice, ConvPath::Merged) << c << " channels (LoRA)";
   }
   // Large images: the banded matrices are dense in H and W, so 56x56 stays merged.
   flora::nn::Conv2d big(torch::nn::Conv2dOptions(96, 96, 7).groups(96).padding(3));

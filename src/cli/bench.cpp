@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -94,9 +95,10 @@ int run_step(const StepArgs& a) {
   model->train(a.mode == "train");
   const double base_rss = proc_status_mb("VmRSS");
 
-  std::vector<double> times;
+  std::vector<double> times, cpu_times;
   for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
     const auto t0 = std::chrono::steady_clock::now();
+    const std::clock_t c0 = std::clock();
     if (a.mode == "infer") {
       torch::NoGradGuard g;
       model->forward(x);
@@ -112,7 +114,8 @@ int run_step(const StepArgs& a) {
       }
     }
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (s >= a.warmup) times.push_back(dt);
+    const double cpu = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
+    if (s >= a.warmup) times.push_back(dt), cpu_times.push_back(cpu);
   }
 
   std::map<std::string, int64_t> paths;
@@ -143,6 +146,9 @@ int run_step(const StepArgs& a) {
                         {"median_step_s", med},
                         {"mean_step_s", mean},
                         {"min_step_s", *std::min_element(times.begin(), times.end())},
+                        // CPU time of all threads: on a shared machine with --threads 1 it does not
+                        // count the time other processes held the core
+                        {"median_cpu_step_s", median(cpu_times)},
                         {"peak_rss_mb", peak},
                         {"base_rss_mb", base_rss},
                         {"trainable", trainable},
