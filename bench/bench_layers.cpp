@@ -18,7 +18,7 @@
 
 namespace {
 
-enum class Variant { Frozen, Full, FloraAuto, FloraMerged, FloraFactorized, Lora };
+enum class Variant { Frozen, Full, FloraAuto, FloraMerged, FloraFactorized, FloraSeparable, Lora };
 const char* variant_name(Variant v) {
   switch (v) {
     case Variant::Frozen: return "frozen";
@@ -26,6 +26,7 @@ const char* variant_name(Variant v) {
     case Variant::FloraAuto: return "flora_auto";
     case Variant::FloraMerged: return "flora_merged";
     case Variant::FloraFactorized: return "flora_factorized";
+    case Variant::FloraSeparable: return "flora_separable";
     case Variant::Lora: return "lora_r16";
   }
   return "?";
@@ -35,6 +36,8 @@ struct ConvShape {
   int64_t channels, pixels;
 };
 const ConvShape kConvShapes[] = {{64, 56}, {128, 28}, {256, 14}, {512, 7}};
+// ConvNeXt-tiny's depthwise 7x7 convs at 64x64 images (stages 1-4).
+const ConvShape kDepthwiseShapes[] = {{96, 16}, {192, 8}, {384, 4}, {768, 2}};
 const int64_t kBatch = 16;
 
 // Sets the layer up for `v`: frozen weights, an adapter, or fully trainable weights.
@@ -46,6 +49,7 @@ void prepare(flora::nn::AdaptableLayer& layer, Variant v, std::vector<int64_t> f
     default: {
       auto path = v == Variant::FloraMerged       ? flora::ConvPath::Merged
                   : v == Variant::FloraFactorized ? flora::ConvPath::Factorized
+                  : v == Variant::FloraSeparable  ? flora::ConvPath::Separable
                                                   : flora::ConvPath::Auto;
       auto a = layer.add_adapter("a", flora::AdapterOptions().ranks(flora_ranks).conv_path(path));
       torch::NoGradGuard g;
@@ -89,11 +93,12 @@ auto training_step(Layer& layer, const torch::Tensor& x, const torch::Tensor& gy
   };
 }
 
-void conv_step(benchmark::State& state, ConvShape s, Variant v) {
+void conv_step(benchmark::State& state, ConvShape s, Variant v, bool depthwise) {
   torch::manual_seed(0);
-  auto opt = torch::nn::Conv2dOptions(s.channels, s.channels, 3).padding(1).bias(false);
+  auto opt = depthwise ? torch::nn::Conv2dOptions(s.channels, s.channels, 7).padding(3).groups(s.channels)
+                       : torch::nn::Conv2dOptions(s.channels, s.channels, 3).padding(1).bias(false);
   flora::nn::Conv2d conv(opt), frozen(opt);
-  prepare(*conv, v, {16, 16, 2, 2});
+  prepare(*conv, v, {16, depthwise ? 1 : 16, 2, 2});
   prepare(*frozen, Variant::Frozen, {});
   auto x = torch::randn({kBatch, s.channels, s.pixels, s.pixels}).requires_grad_(true);
   auto gy = torch::randn({kBatch, s.channels, s.pixels, s.pixels});
@@ -148,7 +153,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
 
  private:
   static constexpr Variant kShown[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized,
-                                       Variant::Lora, Variant::Full};
+                                       Variant::FloraSeparable, Variant::Lora, Variant::Full};
   std::map<std::string, double> ratios_;
 };
 
@@ -161,7 +166,12 @@ int main(int argc, char** argv) {
   for (const auto& s : kConvShapes)
     for (auto v : all) {
       const std::string name = "conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16/" + variant_name(v);
-      benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v)->Unit(benchmark::kMillisecond)->UseManualTime();
+      benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, false)->Unit(benchmark::kMillisecond)->UseManualTime();
+    }
+  for (const auto& s : kDepthwiseShapes)
+    for (auto v : {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraSeparable, Variant::Lora}) {
+      const std::string name = "dw7x7_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16/" + variant_name(v);
+      benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, true)->Unit(benchmark::kMillisecond)->UseManualTime();
     }
   for (int64_t f : {768, 2048})
     for (auto v : {Variant::FloraAuto, Variant::Lora, Variant::Full}) {

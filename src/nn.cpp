@@ -367,6 +367,9 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& x) {
   if (costs.choice == ConvPath::Factorized)
     return F::conv_nd(x, weight, bias, geo_) +
            F::conv_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale(), geo_);
+  if (costs.choice == ConvPath::Separable)  // the base conv needs no weight gradient: W0 is frozen
+    return F::conv_nd(x, weight, bias, geo_) +
+           F::separable_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale(), geo_);
   if (drop)  // dropout applies to the adapter's input only: a second conv is unavoidable
     return F::conv_nd(x, weight, bias, geo_) + F::conv_nd(adapter_input(x, *a), a->delta_weight(), {}, geo_);
   return F::conv_nd(x, weight + a->delta_weight(), bias, geo_);

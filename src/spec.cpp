@@ -106,6 +106,7 @@ std::string to_string(ConvPath p) {
     case ConvPath::Auto: return "auto";
     case ConvPath::Merged: return "merged";
     case ConvPath::Factorized: return "factorized";
+    case ConvPath::Separable: return "separable";
   }
   return "?";
 }
@@ -136,7 +137,8 @@ ConvPath parse_conv_path(const std::string& s) {
   if (v == "auto") return ConvPath::Auto;
   if (v == "merged") return ConvPath::Merged;
   if (v == "factorized") return ConvPath::Factorized;
-  throw InvalidArgument("unknown conv path '" + s + "', expected auto, merged or factorized");
+  if (v == "separable") return ConvPath::Separable;
+  throw InvalidArgument("unknown conv path '" + s + "', expected auto, merged, factorized or separable");
 }
 
 std::vector<int64_t> AdapterSpec::core_param_shape() const {
@@ -163,6 +165,7 @@ AdapterSpec resolve_spec(const AdapterOptions& o, const TargetInfo& t) {
   s.method = o.method();
   s.target = t;
   s.conv_path = o.conv_path();
+  check_conv_path(t, s.conv_path);
   if (!(o.dropout() >= 0.0 && o.dropout() < 1.0))
     fail(t, "dropout " + std::to_string(o.dropout()) + " is outside [0, 1)", "");
   s.dropout = o.dropout();
@@ -313,10 +316,31 @@ ContractionPlan plan_contraction(const std::vector<int64_t>& shape, const std::v
   return plan;
 }
 
+bool separable_applies(const TargetInfo& t) {
+  return t.kind == LayerKind::Conv && t.shape.size() == 4 && t.shape[1] == 1;
+}
+
+void check_conv_path(const TargetInfo& t, ConvPath path) {
+  if (path != ConvPath::Separable || separable_applies(t)) return;
+  std::ostringstream what;
+  what << "conv path 'separable' needs a 2-d convolution with in_channels/groups == 1 (weight [out, 1, kh, kw]), got ";
+  if (t.kind != LayerKind::Conv)
+    what << "a " << to_string(t.kind) << " layer";
+  else if (t.shape.size() != 4)
+    what << "a " << (t.shape.size() - 2) << "-d convolution";
+  else
+    what << "in_channels/groups = " << t.shape[1] << " (groups " << t.groups << ")";
+  fail(t, what.str(), "use conv path auto, merged or factorized; auto picks separable where it applies");
+}
+
 ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   // Multiply-adds, plus memory traffic of the extra activations weighted by kMemCost
   // (on CPU a float moved costs about as much as several multiply-adds; see docs/DESIGN.md).
   constexpr double kMemCost = 8.0;
+  // The weight gradient of a depthwise conv (groups > 1, in/groups == 1) runs far below the
+  // speed of its forward on CPU (LibTorch 1.13, oneDNN): measured 96 ch 7x7 on 16x16, batch 16,
+  // forward 0.30 ms, weight gradient 6.8 ms. Charged as this many multiply-adds per base one.
+  constexpr double kDepthwiseWeightGradCost = 16.0;
   const double p_out = static_cast<double>(in.batch) * static_cast<double>(product(in.out_spatial));
   const double p_in = static_cast<double>(in.batch) * static_cast<double>(product(in.in_spatial));
   const double K = static_cast<double>(product(in.kernel));
@@ -324,6 +348,7 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   const double out = static_cast<double>(in.out_channels);
   const double g = static_cast<double>(in.groups);
   const double B = p_out * out * cin_g * K;
+  const bool depthwise = in.groups > 1 && in.in_channels == in.groups;
 
   ConvPathCosts c;
   const bool grad_in = in.training && in.input_requires_grad;
@@ -335,7 +360,7 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
     // costs exactly the base conv on every later call.
     c.merged = in.dropout ? B : 0.0;
   } else {
-    c.merged = B /*weight grad*/ + 3.0 * build;
+    c.merged = B /*weight grad*/ * (depthwise ? kDepthwiseWeightGradCost : 1.0) + 3.0 * build;
     if (in.dropout) c.merged += B /*second forward*/ + (grad_in ? B : 0.0);
   }
 
@@ -350,10 +375,37 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   } else {
     c.factorized = s1 * (grad_in ? 3.0 : 2.0) + 3.0 * s2 + 3.0 * s3 + 2.0 * kMemCost * traffic;
   }
-  if (s.conv_path != ConvPath::Auto)
+
+  // Separable (2-d, in/groups == 1), functional::separable_branch: a dense banded GEMM over all
+  // channels (v = T_2 [r_2 Ho, H] x [H, N C W]), the per-channel mix with M into
+  // w [Ho, N, out, r_3, W] (elementwise), a second GEMM w [Ho N out, r_3 W] T_3 [r_3 W, Wo].
+  // T_2, T_3 are dense in H and W, which is why large images favour the merged path. Backward
+  // recomputes v and w (memory: nothing saved beyond x), hence 4 passes of the first GEMM and
+  // the mix, 3 of the second. The mix is charged as memory traffic (3 floats per multiply-add:
+  // strided slices whose contiguous runs are only W long): with identity spatial modes (LoRA,
+  // r_2 = r_3 = k) it has k^2 terms and the path measured 1.6x slower than merged on ConvNeXt.
+  c.separable = std::numeric_limits<double>::infinity();
+  if (separable_applies(s.target) && in.kernel.size() == 2 && in.in_spatial.size() == 2) {
+    const double N = static_cast<double>(in.batch), C = static_cast<double>(in.in_channels);
+    const double H = static_cast<double>(in.in_spatial[0]), W = static_cast<double>(in.in_spatial[1]);
+    const double Ho = static_cast<double>(in.out_spatial[0]), Wo = static_cast<double>(in.out_spatial[1]);
+    const double r2 = static_cast<double>(s.ranks[2]), r3 = static_cast<double>(s.ranks[3]);
+    const double sv = N * C * W * H * r2 * Ho;
+    const double mix = Ho * N * out * W * r2 * r3;
+    const double sh = Ho * N * out * r3 * W * Wo;
+    const double moved = N * C * H * W + N * C * r2 * Ho * W + Ho * N * out * r3 * W + p_out * out;
+    if (!in.training)
+      c.separable = sv + 3.0 * kMemCost * mix + sh + kMemCost * moved;
+    else
+      c.separable = sv * (grad_in ? 4.0 : 3.0) + 4.0 * 3.0 * kMemCost * mix + 3.0 * sh + 2.0 * kMemCost * moved;
+  }
+
+  if (s.conv_path != ConvPath::Auto) {
     c.choice = s.conv_path;
-  else
+  } else {
     c.choice = c.factorized < c.merged ? ConvPath::Factorized : ConvPath::Merged;
+    if (c.separable < std::min(c.factorized, c.merged)) c.choice = ConvPath::Separable;
+  }
   return c;
 }
 

@@ -395,7 +395,8 @@ void TrainConfig::validate() const {
   if (image_size < 0) bad_value("image_size", std::to_string(image_size), "a positive number of pixels");
   if (image_size == 0 && (data.rfind("imagefolder:", 0) == 0 || val_data.rfind("imagefolder:", 0) == 0))
     bad_value("image_size", "0", "a positive number of pixels for ImageFolder data (e.g. --image-size 64)");
-  if (!one_of(conv_path, {"auto", "merged", "factorized"})) bad_value("conv_path", conv_path, "auto, merged or factorized");
+  if (!one_of(conv_path, {"auto", "merged", "factorized", "separable"}))
+    bad_value("conv_path", conv_path, "auto, merged, factorized or separable");
   if (!one_of(augment, {"none", "default"})) bad_value("augment", augment, "none or default");
   if (!one_of(schedule, {"constant", "linear", "cosine"})) bad_value("schedule", schedule, "constant, linear or cosine");
   if (!one_of(precision, {"fp32", "bf16"})) bad_value("precision", precision, "fp32 or bf16");

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <memory>
 #include <numeric>
 
@@ -142,8 +143,10 @@ class Battery : public ::testing::TestWithParam<Row> {
   Tensor reference(const Tensor& x, const Tensor& w) { return GetParam().kind.reference(*layer, x, w); }
   std::vector<Tensor> adapter_params() { return adapter->parameters(); }
   std::vector<ConvPath> paths() const {
-    return GetParam().kind.is_conv ? std::vector<ConvPath>{ConvPath::Merged, ConvPath::Factorized}
-                                   : std::vector<ConvPath>{ConvPath::Auto};
+    if (!GetParam().kind.is_conv) return {ConvPath::Auto};
+    std::vector<ConvPath> p{ConvPath::Merged, ConvPath::Factorized};
+    if (flora::separable_applies(layer->target_info())) p.push_back(ConvPath::Separable);
+    return p;
   }
 
   std::shared_ptr<AdaptableLayer> layer;
@@ -228,7 +231,7 @@ TEST_P(ConvBattery, ConvPathsAgreeOnOutputsAndGradients) {
   randomize(adapter_params());
   auto x = GetParam().kind.input().requires_grad_(true);
   std::vector<Tensor> outs, grads;
-  for (auto path : {ConvPath::Merged, ConvPath::Factorized}) {
+  for (auto path : paths()) {
     adapter->set_conv_path(path);
     for (auto& p : adapter_params()) p.mutable_grad() = Tensor();
     x.mutable_grad() = Tensor();
@@ -243,8 +246,10 @@ TEST_P(ConvBattery, ConvPathsAgreeOnOutputsAndGradients) {
       return flat;
     }()));
   }
-  EXPECT_LT(max_abs_diff(outs[0], outs[1]), 1e-10);
-  EXPECT_LT(max_abs_diff(grads[0], grads[1]), 1e-9);
+  for (size_t i = 1; i < outs.size(); ++i) {
+    EXPECT_LT(max_abs_diff(outs[0], outs[i]), 1e-10) << flora::to_string(paths()[i]);
+    EXPECT_LT(max_abs_diff(grads[0], grads[i]), 1e-9) << flora::to_string(paths()[i]);
+  }
 }
 
 TEST_P(Battery, ParameterCountMatchesFormula) {
@@ -307,12 +312,161 @@ std::vector<Row> conv_rows() {
 INSTANTIATE_TEST_SUITE_P(ConvLayers, ConvBattery, ::testing::ValuesIn(conv_rows()), row_name);
 
 // ---------------------------------------------------------------------------------------------
+// The separable path (Conv2d with in/groups == 1): one row per geometry and adapter shape. Each
+// row checks the output and every gradient (input and all adapter parameters) against the merged
+// path conv(x, W0 + dW) in float64; rows marked fd also check finite differences.
+
+struct SeparableRow {
+  std::string name;
+  torch::nn::Conv2dOptions conv;
+  std::vector<int64_t> input;
+  AdapterOptions adapter;
+  bool fd = false;
+};
+
+std::vector<SeparableRow> separable_rows() {
+  using O = torch::nn::Conv2dOptions;
+  const auto flora = [](std::vector<int64_t> r) { return AdapterOptions().ranks(std::move(r)).scale(0.7); };
+  return {
+      {"k3_stride1_full_ranks", O(4, 4, 3).groups(4).padding(1), {2, 4, 6, 5}, flora({4, 1, 3, 3})},
+      {"k7_convnext_ranks_clipped", O(6, 6, 7).groups(6).padding(3), {2, 6, 9, 8},
+       flora({16, 16, 2, 2}).clip_ranks(true)},
+      {"k7_input_smaller_than_kernel", O(8, 8, 7).groups(8).padding(3), {3, 8, 2, 2},
+       flora({16, 16, 2, 2}).clip_ranks(true)},
+      {"k3_stride2", O(5, 5, 3).groups(5).stride(2).padding(1), {2, 5, 9, 8}, flora({3, 1, 2, 2}), true},
+      {"k3_dilation2_stride_1x2", O(4, 4, 3).groups(4).dilation(2).padding(2).stride({1, 2}), {2, 4, 8, 9},
+       flora({3, 1, 2, 3})},
+      {"k3x5_asymmetric_no_bias", O(3, 3, {3, 5}).groups(3).padding({1, 2}).bias(false), {2, 3, 6, 7},
+       flora({2, 1, 2, 2})},
+      {"k3_unpadded", O(4, 4, 3).groups(4), {2, 4, 6, 6}, flora({2, 1, 1, 2})},
+      {"k3_reflect_padding", O(4, 4, 3).groups(4).padding(1).padding_mode(torch::kReflect), {2, 4, 5, 6},
+       flora({3, 1, 2, 2}), true},
+      {"k3_circular_padding", O(4, 4, 3).groups(4).padding(1).padding_mode(torch::kCircular), {2, 4, 5, 6},
+       flora({3, 1, 2, 2})},
+      {"channel_multiplier_2", O(3, 6, 3).groups(3).padding(1), {2, 3, 5, 5}, flora({4, 1, 2, 2}), true},
+      {"single_input_channel_groups1", O(1, 5, 3).padding(1), {2, 1, 6, 6}, flora({3, 1, 2, 2})},
+      {"tucker2_identity_spatial_modes", O(4, 4, 3).groups(4).padding(1), {2, 4, 5, 5},
+       AdapterOptions().ranks({2, 1, 3, 3}).identity_modes({false, false, true, true}).scale(0.7)},
+      {"cp_core_rank1", O(4, 4, 3).groups(4).padding(1), {2, 4, 5, 5},
+       AdapterOptions().ranks({1, 1, 1, 1}).core(flora::CoreKind::Diagonal).scale(0.7)},
+      {"lora_r2", O(4, 4, 3).groups(4).padding(1), {2, 4, 5, 5}, AdapterOptions().method(Method::Lora).rank(2).alpha(4)},
+  };
+}
+
+class SeparableBattery : public ::testing::TestWithParam<SeparableRow> {};
+
+TEST_P(SeparableBattery, SeparablePathMatchesMergedWeight) {
+  torch::manual_seed(11);
+  const auto& row = GetParam();
+  flora::nn::Conv2d conv(row.conv);
+  conv->to(torch::kFloat64);
+  auto a = conv->add_adapter("default", row.adapter);
+  randomize(a->parameters());
+  auto x = torch::randn(row.input, torch::kFloat64).requires_grad_(true);
+  auto probe = torch::randn_like(conv->forward(x));
+  std::vector<Tensor> outs, grads;
+  for (auto path : {ConvPath::Merged, ConvPath::Separable}) {
+    a->set_conv_path(path);
+    for (auto& p : a->parameters()) p.mutable_grad() = Tensor();
+    x.mutable_grad() = Tensor();
+    auto y = conv->forward(x);
+    EXPECT_EQ(conv->last_path(), path);
+    (y * probe).sum().backward();
+    outs.push_back(y.detach());
+    std::vector<Tensor> flat{x.grad().reshape(-1)};
+    for (auto& p : a->parameters()) flat.push_back(p.grad().reshape(-1));
+    grads.push_back(torch::cat(flat));
+  }
+  ASSERT_EQ(outs[0].sizes(), outs[1].sizes());
+  EXPECT_LT(max_abs_diff(outs[0], outs[1]), 1e-11);
+  EXPECT_LT(max_abs_diff(grads[0], grads[1]), 1e-10);
+  if (row.fd) {
+    a->set_conv_path(ConvPath::Separable);
+    auto xd = x.detach();
+    EXPECT_LT(finite_difference_error([&] { return (conv->forward(xd) * probe).sum(); }, a->parameters()), 1e-6);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Depthwise, SeparableBattery, ::testing::ValuesIn(separable_rows()),
+                         [](const ::testing::TestParamInfo<SeparableRow>& info) { return info.param.name; });
+
+TEST(FloraConv, SeparablePathRefusesConvsItCannotRunNamingLayerAndValues) {
+  auto message = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const flora::InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  flora::nn::Conv2d dense(torch::nn::Conv2dOptions(6, 8, 3));
+  dense->set_layer_name("features.3");
+  auto m = message([&] { dense->add_adapter("default", AdapterOptions().ranks({4, 4, 2, 2}).conv_path(ConvPath::Separable)); });
+  EXPECT_NE(m.find("features.3"), std::string::npos) << m;
+  EXPECT_NE(m.find("in_channels/groups = 6"), std::string::npos) << m;
+  EXPECT_NE(m.find("[8, 6, 3, 3]"), std::string::npos) << m;
+  EXPECT_NE(m.find("hint:"), std::string::npos) << m;
+  auto a = dense->add_adapter("default", AdapterOptions().ranks({4, 4, 2, 2}));
+  m = message([&] { a->set_conv_path(ConvPath::Separable); });
+  EXPECT_NE(m.find("features.3"), std::string::npos) << m;
+  EXPECT_EQ(a->spec().conv_path, ConvPath::Auto) << "a refused path must not be kept";
+
+  flora::nn::Conv2d grouped(torch::nn::Conv2dOptions(4, 4, 3).groups(2));
+  grouped->set_layer_name("g");
+  m = message([&] { grouped->add_adapter("default", AdapterOptions().conv_path(ConvPath::Separable)); });
+  EXPECT_NE(m.find("in_channels/groups = 2 (groups 2)"), std::string::npos) << m;
+
+  flora::nn::Conv1d dw1d(torch::nn::Conv1dOptions(4, 4, 3).groups(4));
+  dw1d->set_layer_name("dw1d");
+  m = message([&] { dw1d->add_adapter("default", AdapterOptions().conv_path(ConvPath::Separable)); });
+  EXPECT_NE(m.find("1-d convolution"), std::string::npos) << m;
+  EXPECT_EQ(flora::parse_conv_path("Separable"), ConvPath::Separable);
+}
+
+TEST(FloraConv, CostModelPicksSeparableForConvNextDepthwiseOnly) {
+  // ConvNeXt-tiny's depthwise 7x7 convs at batch 16, 64x64 images: stages at 16, 8, 4, 2 pixels.
+  for (auto [c, hw] : std::vector<std::pair<int64_t, int64_t>>{{96, 16}, {192, 8}, {384, 4}, {768, 2}}) {
+    flora::nn::Conv2d dw(torch::nn::Conv2dOptions(c, c, 7).groups(c).padding(3));
+    dw->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}).clip_ranks(true));
+    const auto costs = dw->path_costs({16, c, hw, hw}, true, true);
+    EXPECT_EQ(costs.choice, ConvPath::Separable) << c << " channels at " << hw;
+    EXPECT_LT(costs.separable, costs.merged);
+    // Inference: the cached merged weight costs nothing extra.
+    EXPECT_EQ(dw->path_costs({16, c, hw, hw}, false, false).choice, ConvPath::Merged);
+    // LoRA keeps the spatial modes whole (r_2 = r_3 = 7): 49 mix terms, measured slower.
+    flora::nn::Conv2d lora(torch::nn::Conv2dOptions(c, c, 7).groups(c).padding(3));
+    lora->add_adapter("default", AdapterOptions().method(Method::Lora).rank(16));
+    EXPECT_EQ(lora->path_costs({16, c, hw, hw}, true, true).choice, ConvPath::Merged) << c << " channels (LoRA)";
+  }
+  // Large images: the banded matrices are dense in H and W, so 56x56 stays merged.
+  flora::nn::Conv2d big(torch::nn::Conv2dOptions(96, 96, 7).groups(96).padding(3));
+  big->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}).clip_ranks(true));
+  EXPECT_EQ(big->path_costs({16, 96, 56, 56}, true, true).choice, ConvPath::Merged);
+  // Ordinary and 1-d depthwise convs never get it.
+  flora::nn::Conv2d wide(torch::nn::Conv2dOptions(256, 256, 3).padding(1));
+  wide->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
+  const auto w = wide->path_costs({16, 256, 14, 14}, true, true);
+  EXPECT_EQ(w.choice, ConvPath::Factorized);
+  EXPECT_TRUE(std::isinf(w.separable));
+  flora::nn::Conv1d dw1d(torch::nn::Conv1dOptions(64, 64, 7).groups(64).padding(3));
+  dw1d->add_adapter("default", AdapterOptions().ranks({16, 16, 2}).clip_ranks(true));
+  EXPECT_EQ(dw1d->path_costs({16, 64, 32}, true, true).choice, ConvPath::Merged);
+  // The override still wins over the model.
+  big->adapter()->set_conv_path(ConvPath::Separable);
+  EXPECT_EQ(big->path_costs({16, 96, 56, 56}, true, true).choice, ConvPath::Separable);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Behaviour that is specific to one layer kind.
 
 TEST(FloraConv, CostModelPicksMergedForDepthwiseAndFactorizedForWideConvs) {
+  // Depthwise: merged over factorized (g * r_0 intermediate channels would exceed the layer's);
+  // the separable path, cheaper still at this size, is left out to compare the other two.
   flora::nn::Conv2d depthwise(torch::nn::Conv2dOptions(256, 256, 7).groups(256).padding(3));
   depthwise->add_adapter("default", AdapterOptions().rank(16).clip_ranks(true));
-  EXPECT_EQ(depthwise->path_costs({16, 256, 14, 14}, true, true).choice, ConvPath::Merged);
+  const auto dw = depthwise->path_costs({16, 256, 14, 14}, true, true);
+  EXPECT_LT(dw.merged, dw.factorized);
+  EXPECT_EQ(dw.choice, ConvPath::Separable);
 
   flora::nn::Conv2d wide(torch::nn::Conv2dOptions(512, 512, 3).padding(1));
   wide->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));

@@ -51,7 +51,12 @@ class TuckerAdapterImpl : public torch::nn::Module {
   double scale() const { return spec_.scale; }
   /// Runtime scale change (e.g. to sweep s, or to fade an adapter); must be finite.
   void set_scale(double scale);
-  void set_conv_path(ConvPath path) { spec_.conv_path = path; }
+  /// Forces a conv path (Auto: the cost model). Throws when the path cannot run on this weight
+  /// (Separable needs a 2-d conv with in/groups == 1), naming the layer.
+  void set_conv_path(ConvPath path) {
+    check_conv_path(spec_.target, path);
+    spec_.conv_path = path;
+  }
   /// Marks every parameter of this adapter trainable or frozen.
   void set_trainable(bool trainable);
 

@@ -4,6 +4,7 @@
 //   1. dW = tucker_delta(core, factors, s)      // factors[n] undefined = identity mode n
 //   2. y  = base(x) + linear_branch(x, core, factors, s)          // never forms dW
 //      y  = conv_nd(x, W0, b, geo) + conv_branch(x, core, factors, s, geo)
+//      y  = conv_nd(x, W0, b, geo) + separable_branch(x, core, factors, s, geo)  // depthwise 2-d
 //      y  = embedding(idx, W0) + embedding_branch(idx, core, factors, s, padding_idx)
 //
 // Shapes: core G [r_0, ..., r_{N-1}]; factors[n] U_n [I_n, r_n]; dW [I_0, ..., I_{N-1}].
@@ -60,6 +61,17 @@ Tensor linear_branch(const Tensor& x, const Tensor& core, const std::vector<Tens
 /// stride/padding/dilation (-> groups*r_0) -> grouped 1x1 (-> out). Identity modes skip a step.
 Tensor conv_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
                    const ConvGeometry& geo);
+
+/// The separable branch of a 2-d conv with in/groups == 1 (depthwise), equal to
+/// conv_nd(x, dW, {}, geo) for dW [out, 1, kh, kw]. With M = s * G x_0 U_0 x_1 U_1 [out, r_2, r_3],
+/// dW[o] = sum_{b,d} M[o, b, d] U_2[:, b] U_3[:, d]^T: r_2 * r_3 rank-one spatial filters shared
+/// by every channel. Each is applied as two dense banded matrices (T_2 [r_2 Ho, H] from U_2 with
+/// the vertical stride/padding/dilation, T_3 [W, r_3 Wo] likewise), i.e. two GEMMs over all
+/// channels and images at once, then mixed per output channel by M. Its backward is written by
+/// hand (the same GEMMs transposed) and keeps only x: no depthwise weight gradient is computed. Non-zero padding modes pad x explicitly first.
+/// Identity spatial modes use the identity matrix as their factor.
+Tensor separable_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
+                        const ConvGeometry& geo);
 
 /// The Embedding branch: rows of U_num gathered for `indices`, times s * G U_dim^T.
 /// U_num's row padding_idx gets no gradient (as nn.Embedding's weight).

@@ -117,7 +117,8 @@ class LinearImpl : public AdaptableLayer {
 };
 TORCH_MODULE(Linear);
 
-/// ConvNd with D spatial dims. Paths: merged conv(x, W0 + dW) or factorized; see ConvPath.
+/// ConvNd with D spatial dims. Paths: merged conv(x, W0 + dW), factorized, or separable (Conv2d
+/// with in/groups == 1 only); see ConvPath.
 template <size_t D>
 class ConvImpl : public AdaptableLayer {
  public:

@@ -68,6 +68,9 @@ enum class ConvPath {
   Auto,        ///< Per call, by the cost model in conv_path_costs().
   Merged,      ///< conv(x, W0 + dW): one convolution, full weight gradient in backward.
   Factorized,  ///< base conv + 1x1 (in->r_1) -> core conv (k, stride, ...) -> 1x1 (r_0->out).
+  Separable,   ///< Conv2d with in/groups == 1 (depthwise): base conv + the update as r_2 * r_3
+               ///< shared separable spatial filters (GEMMs over all channels) mixed per channel
+               ///< by M = s G x_0 U_0 x_1 U_1. No depthwise weight gradient is ever computed.
 };
 
 std::string to_string(Method m);
@@ -201,10 +204,18 @@ struct ConvPathCosts {
   double base = 0;        ///< the frozen conv's forward (+ input gradient when training)
   double merged = 0;      ///< extra cost of the merged-weight path
   double factorized = 0;  ///< extra cost of the factorized path
+  double separable = 0;   ///< extra cost of the separable path (infinite where it does not apply)
   ConvPath choice = ConvPath::Merged;
 };
 /// The documented cost model (docs/DESIGN.md, "Choosing a conv path").
 ConvPathCosts conv_path_costs(const AdapterSpec& spec, const ConvCostInput& in);
+
+/// True when ConvPath::Separable applies to the target: a 2-d conv ([out, in/groups, kh, kw])
+/// with in/groups == 1 (depthwise, or a single input channel).
+bool separable_applies(const TargetInfo& target);
+/// Throws flora::InvalidArgument naming the layer and its shape when `path` cannot run on
+/// `target` (today: Separable on a conv that is not 2-d with in/groups == 1).
+void check_conv_path(const TargetInfo& target, ConvPath path);
 
 /// "1,234,567": thousands separators, as PEFT prints counts.
 std::string format_count(int64_t n);

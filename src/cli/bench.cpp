@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -65,8 +66,8 @@ int run_step(const StepArgs& a) {
   c.conv_path = a.conv_path;
   c.targets = a.targets;
   c.num_classes = a.num_classes;
-  if (c.conv_path != "auto" && c.conv_path != "merged" && c.conv_path != "factorized")
-    throw InvalidArgument("--conv-path '" + c.conv_path + "' is unknown (expected auto, merged or factorized)");
+  if (c.conv_path != "auto" && c.conv_path != "merged" && c.conv_path != "factorized" && c.conv_path != "separable")
+    throw InvalidArgument("--conv-path '" + c.conv_path + "' is unknown (expected auto, merged, factorized or separable)");
 
   torch::manual_seed(0);
   auto model = open_model(a.model);
@@ -94,9 +95,10 @@ int run_step(const StepArgs& a) {
   model->train(a.mode == "train");
   const double base_rss = proc_status_mb("VmRSS");
 
-  std::vector<double> times;
+  std::vector<double> times, cpu_times;
   for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
     const auto t0 = std::chrono::steady_clock::now();
+    const std::clock_t c0 = std::clock();
     if (a.mode == "infer") {
       torch::NoGradGuard g;
       model->forward(x);
@@ -112,7 +114,8 @@ int run_step(const StepArgs& a) {
       }
     }
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (s >= a.warmup) times.push_back(dt);
+    const double cpu = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
+    if (s >= a.warmup) times.push_back(dt), cpu_times.push_back(cpu);
   }
 
   std::map<std::string, int64_t> paths;
@@ -143,6 +146,9 @@ int run_step(const StepArgs& a) {
                         {"median_step_s", med},
                         {"mean_step_s", mean},
                         {"min_step_s", *std::min_element(times.begin(), times.end())},
+                        // CPU time of all threads: on a shared machine with --threads 1 it does not
+                        // count the time other processes held the core
+                        {"median_cpu_step_s", median(cpu_times)},
                         {"peak_rss_mb", peak},
                         {"base_rss_mb", base_rss},
                         {"trainable", trainable},
@@ -179,7 +185,7 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
   c->add_option("--alpha", a->alpha, "LoRA alpha")->capture_default_str();
   c->add_option("--targets", a->targets, "Modules to adapt, as flora train: names, a regex, all-linear or all-conv "
                                          "(default: every conv and linear but the head)");
-  c->add_option("--conv-path", a->conv_path, "auto (cost model), merged or factorized")->capture_default_str();
+  c->add_option("--conv-path", a->conv_path, "auto (cost model), merged, factorized or separable (depthwise Conv2d only)")->capture_default_str();
   c->add_option("--num-classes", a->num_classes, "New head with K classes (0: keep the model's)")->capture_default_str();
   c->add_option("--batch-size", a->batch_size, "Batch size")->capture_default_str()->check(CLI::PositiveNumber);
   c->add_option("--image-size", a->image_size, "Image size (PX x PX, 3 channels)")->capture_default_str()->check(CLI::PositiveNumber);

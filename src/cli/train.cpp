@@ -39,7 +39,7 @@ const Flag kFlags[] = {
     {"spatial_rank", "FLoRA rank of kernel modes when --ranks is not given"},
     {"scale", "FLoRA scale s"},
     {"alpha", "LoRA alpha"},
-    {"conv_path", "Adapted conv forward: auto (cost model), merged or factorized"},
+    {"conv_path", "Adapted conv forward: auto (cost model), merged, factorized or separable (depthwise Conv2d only)"},
     {"targets", "Modules: a comma list of names / dotted suffixes, a regex, all-linear or all-conv (default: every conv and linear but the head)"},
     {"num_classes", "Re-initialize the classifier head for K classes and train it fully"},
     {"train_modules", "Comma list of modules trained fully (like PEFT's modules_to_save)"},
