@@ -30,8 +30,8 @@ namespace cli {
 namespace {
 
 struct StepArgs {
-  std::string model, weights, method = "flora", mode = "train", conv_path = "auto", targets;
-  std::vector<int64_t> ranks;
+  std::string model, weights, method = "flora", mode = "train", conv_path = "auto", targets, core = "full";
+  std::vector<int64_t> ranks, identity;
   int64_t rank = 8, batch_size = 16, image_size = 64, steps = 10, warmup = 2, num_classes = 0;
   double scale = 4.0, alpha = 16.0;
   bool json = false;
@@ -63,6 +63,8 @@ int run_step(const StepArgs& a) {
   c.scale = a.scale;
   c.alpha = a.alpha;
   c.conv_path = a.conv_path;
+  c.core = a.core;
+  c.identity = a.identity;
   c.targets = a.targets;
   c.num_classes = a.num_classes;
   if (c.conv_path != "auto" && c.conv_path != "merged" && c.conv_path != "factorized")
@@ -177,6 +179,8 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
   c->add_option("--rank", a->rank, "LoRA rank, or FLoRA's channel rank")->capture_default_str();
   c->add_option("--scale", a->scale, "FLoRA scale s")->capture_default_str();
   c->add_option("--alpha", a->alpha, "LoRA alpha")->capture_default_str();
+  c->add_option("--core", a->core, "FLoRA core: full, diagonal (cp) or identity")->capture_default_str();
+  c->add_option("--identity", a->identity, "FLoRA modes with no factor, e.g. 2,3 (Tucker-2)")->delimiter(',');
   c->add_option("--targets", a->targets, "Modules to adapt, as flora train: names, a regex, all-linear or all-conv "
                                          "(default: every conv and linear but the head)");
   c->add_option("--conv-path", a->conv_path, "auto (cost model), merged or factorized")->capture_default_str();
