@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test demo bench clean
+.PHONY: all setup configure build test demo bench results clean
 
 all: build
 
@@ -23,6 +23,10 @@ test: build
 
 demo: build
 	@$(BUILD)/bin/flora demo
+
+# The study behind docs/RESULTS.md (about an hour on 2 cores; STUDY_ARGS=--quick: a few minutes).
+results: build
+	@$(BUILD)/bin/flora bench study --out results $(STUDY_ARGS)
 
 bench: build
 	@$(BUILD)/bin/flora_bench --benchmark_min_time=0.2

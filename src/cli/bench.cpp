@@ -191,6 +191,7 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
   c->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   c->add_flag("--json", a->json, "Print one JSON object (median_step_s, peak_rss_mb, conv paths per layer, ...)");
   c->callback([a, &run] { run = [a] { return run_step(*a); }; });
+  add_study(*bench, run);
 }
 
 }  // namespace cli
