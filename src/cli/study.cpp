@@ -194,14 +194,14 @@ Plan make_plan(const StudyArgs& a, const Protocol& p, const std::string& base_we
         c.method = "flora", c.ranks = {r, r, r, r}, c.core = "diagonal", c.scale = p.scale;
       });
   }
-  const std::string first = targets.front();
+  // The sweeps run on `outlines` (the harder target, where the methods differ most) when it is one.
+  // The linear adapter: smallcnn's only Linear is its head, so that sweep keeps the pretrained head
+  // on `outlines` (the source's ten classes in another domain) and adapts it alone.
+  const std::string first = std::count(targets.begin(), targets.end(), "outlines") ? "outlines" : targets.front();
   seeds = p.sweep_seeds;
   for (double s : p.scales) flora(plan.scale_conv_keys, first, p.ref_rank, 2, s, p.lr);
-  // The linear adapter: smallcnn's only Linear is its head, so this sweep keeps the pretrained head
-  // on `outlines` (the source's ten classes in another domain) and adapts it alone.
-  const std::string lin = std::count(targets.begin(), targets.end(), "outlines") ? "outlines" : first;
   for (double s : p.scales)
-    add(plan.scale_linear_keys, lin, "flora-fc", "FLoRA on fc [8,8]", [&](train::TrainConfig& c) {
+    add(plan.scale_linear_keys, first, "flora-fc", "FLoRA on fc [8,8]", [&](train::TrainConfig& c) {
       c.method = "flora", c.ranks = {8, 8}, c.scale = s, c.targets = "fc", c.num_classes = 0;
     });
   for (double lr : p.lrs) {
