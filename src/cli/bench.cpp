@@ -166,7 +166,7 @@ int run_step(const StepArgs& a) {
 }  // namespace
 
 void add_bench(CLI::App& app, std::function<int()>& run) {
-  auto* bench = app.add_subcommand("bench", "Benchmarks of whole models (see docs/PERFORMANCE.md)");
+  auto* bench = app.add_subcommand("bench", "Benchmarks of whole models (step: docs/PERFORMANCE.md) and the study (docs/RESULTS.md)");
   bench->require_subcommand(1);
   auto a = std::make_shared<StepArgs>();
   auto* c = bench->add_subcommand("step", "Time and peak memory of training steps on random data: frozen (forward + input "

@@ -670,20 +670,22 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
     return std::make_pair(s, j);
   };
   auto scale_label = [](const Config& c) {
-    return c.family == "flora-fc" ? "linear: " + c.label + " (" + c.target + ", pretrained head)" : "conv: " + c.label + " (" + c.target + ")";
+    return c.family == "flora-fc" ? std::string("linear: fc [8,8], kept head") : "conv: " + c.label + ", new head";
   };
   std::vector<std::string> scale_keys = plan.scale_conv_keys;
   scale_keys.insert(scale_keys.end(), plan.scale_linear_keys.begin(), plan.scale_linear_keys.end());
   auto [scale_series, j_scale] = sweep(scale_keys, [](const train::TrainConfig& c) { return c.scale; }, scale_label);
-  io::atomic_write((out / "scale.svg").string(), svg_plot("FLoRA scale s: target top-1 (mean ± std)", "s (log scale)", "top-1 %", true, scale_series));
-  auto [lr_series, j_lr] = sweep(plan.lr_keys, [](const train::TrainConfig& c) { return c.lr; },
-                                 [](const Config& c) { return c.label + " (" + c.target + ")"; });
-  io::atomic_write((out / "lr.svg").string(), svg_plot("learning rate: target top-1 (mean ± std)", "peak learning rate (log scale)", "top-1 %", true, lr_series));
-  md << "\n### Scale s (FLoRA)\n\n| adapter | s | top-1 % |\n|---|---:|---:|\n";
+  const std::string sweep_target = plan.scale_conv_keys.empty() ? "" : by_key[plan.scale_conv_keys.front()]->target;
+  io::atomic_write((out / "scale.svg").string(), svg_plot("FLoRA scale s on " + sweep_target + ": top-1 (mean ± std)", "s (log scale)",
+                                                          "top-1 %", true, scale_series));
+  auto [lr_series, j_lr] = sweep(plan.lr_keys, [](const train::TrainConfig& c) { return c.lr; }, [](const Config& c) { return c.label; });
+  io::atomic_write((out / "lr.svg").string(), svg_plot("learning rate on " + sweep_target + ": top-1 (mean ± std)",
+                                                       "peak learning rate (log scale)", "top-1 %", true, lr_series));
+  md << "\n### Scale s (FLoRA, " << sweep_target << ")\n\n| adapter | s | top-1 % |\n|---|---:|---:|\n";
   for (const auto& r : j_scale)
     md << "| " << r["series"].get<std::string>() << " | " << num(r["x"]) << " | "
        << (r["top1"].is_null() ? "-" : pm({r["top1"]["mean"], r["top1"]["std"], r["top1"]["n"]})) << " |\n";
-  md << "\n### Learning rate\n\n| method | lr | top-1 % |\n|---|---:|---:|\n";
+  md << "\n### Learning rate (" << sweep_target << ")\n\n| method | lr | top-1 % |\n|---|---:|---:|\n";
   for (const auto& r : j_lr)
     md << "| " << r["series"].get<std::string>() << " | " << num(r["x"]) << " | "
        << (r["top1"].is_null() ? "-" : pm({r["top1"]["mean"], r["top1"]["std"], r["top1"]["n"]})) << " |\n";
