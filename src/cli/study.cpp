@@ -729,7 +729,8 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
       {"runs_missing", missing},
       {"runs_this_invocation", ran},
       {"wall_s", {{"this_invocation", total}, {"training_runs_this_invocation", train_s}, {"bench_phase", bench_s},
-                  {"all_training_runs", train_total}, {"pretrain", pre_r.wall_s}}},
+                  {"all_training_runs", train_total},
+                  {"pretrain", pre_r.wall_s > 0 ? json(pre_r.wall_s) : json(nullptr)}}},  // null: reused
       {"configs", j_configs},
       {"headline", j_headline},
       {"equal_params", j_equal},
