@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test demo bench clean
+.PHONY: all setup configure build test demo bench results results-quick clean
 
 all: build
 
@@ -23,6 +23,13 @@ test: build
 
 demo: build
 	@$(BUILD)/bin/flora demo
+
+# The study behind docs/RESULTS.md (under an hour on 2 cores), and its pipeline on small data in a few minutes.
+results: build
+	@$(BUILD)/bin/flora bench study --out results
+
+results-quick: build
+	@$(BUILD)/bin/flora bench study --quick --out results-quick
 
 bench: build
 	@$(BUILD)/bin/flora_bench --benchmark_min_time=0.2

@@ -113,7 +113,13 @@ const std::map<std::string, Key>& keys() {
                    for (const auto& r : split_list(v)) c.ranks.push_back(to_int("ranks", r));
                  },
                  [](const TrainConfig& c) { return join_ints(c.ranks); }}},
-      INT_KEY(rank), INT_KEY(spatial_rank), DBL_KEY(scale), DBL_KEY(alpha), STR_KEY(conv_path), STR_KEY(targets), INT_KEY(num_classes),
+      INT_KEY(rank), INT_KEY(spatial_rank), DBL_KEY(scale), DBL_KEY(alpha), STR_KEY(core),
+      {"identity", {[](TrainConfig& c, const std::string& v) {
+                      c.identity.clear();
+                      for (const auto& m : split_list(v)) c.identity.push_back(to_int("identity", m));
+                    },
+                    [](const TrainConfig& c) { return join_ints(c.identity); }}},
+      STR_KEY(conv_path), STR_KEY(targets), INT_KEY(num_classes),
       {"train_modules", {[](TrainConfig& c, const std::string& v) { c.train_modules = split_list(v); },
                          [](const TrainConfig& c) { return join(c.train_modules); }}},
       STR_KEY(data), STR_KEY(val_data), INT_KEY(image_size), INT_KEY(in_channels), STR_KEY(augment), INT_KEY(workers),
@@ -161,8 +167,10 @@ struct Optim {
 };
 
 std::string fingerprint(const TrainConfig& c) {
-  return c.model + "|" + c.method + "|" + join_ints(c.ranks) + "|" + std::to_string(c.rank) + "|" + c.targets + "|" +
-         std::to_string(c.num_classes) + "|" + join(c.train_modules);
+  std::string f = c.model + "|" + c.method + "|" + join_ints(c.ranks) + "|" + std::to_string(c.rank) + "|" + c.targets + "|" +
+                  std::to_string(c.num_classes) + "|" + join(c.train_modules);
+  if (c.core != "full" || !c.identity.empty()) f += "|" + c.core + "|" + join_ints(c.identity);  // older checkpoints stay valid
+  return f;
 }
 
 // Every rank's CPU generator state, in rank order (a collective in data-parallel runs).
@@ -395,6 +403,11 @@ void TrainConfig::validate() const {
   if (image_size < 0) bad_value("image_size", std::to_string(image_size), "a positive number of pixels");
   if (image_size == 0 && (data.rfind("imagefolder:", 0) == 0 || val_data.rfind("imagefolder:", 0) == 0))
     bad_value("image_size", "0", "a positive number of pixels for ImageFolder data (e.g. --image-size 64)");
+  if (!one_of(core, {"full", "diagonal", "cp", "identity"})) bad_value("core", core, "full, diagonal (cp) or identity");
+  for (auto m : identity)
+    if (m < 0) bad_value("identity", join_ints(identity), "mode indices >= 0, e.g. 2,3 for Tucker-2 on a conv");
+  if (method != "flora" && (core != "full" || !identity.empty()))
+    bad_value(core != "full" ? "core" : "identity", core != "full" ? core : join_ints(identity), "only with method flora");
   if (!one_of(conv_path, {"auto", "merged", "factorized", "separable"}))
     bad_value("conv_path", conv_path, "auto, merged, factorized or separable");
   if (!one_of(augment, {"none", "default"})) bad_value("augment", augment, "none or default");
@@ -539,12 +552,26 @@ InjectionReport prepare_model(Model& model, const TrainConfig& c) {
     const bool flora = c.method == "flora";
     o.adapter = AdapterOptions().method(flora ? Method::Flora : Method::Lora).rank(c.rank).spatial_rank(c.spatial_rank)
                     .scale(c.scale).alpha(c.alpha).clip_ranks(true).conv_path(parse_conv_path(c.conv_path));
-    if (flora && !c.ranks.empty()) {
+    if (flora) {
+      o.adapter.core(parse_core_kind(c.core));
+      // A CP rank may exceed a mode's size (it counts rank-1 terms); clipping would unequal the ranks.
+      if (c.core != "full") o.adapter.allow_redundant_ranks(true);
+    }
+    if (flora && (!c.ranks.empty() || !c.identity.empty())) {
       const auto ranks = c.ranks;
-      o.per_layer = [ranks](const TargetInfo& t, AdapterOptions& a) {
-        std::vector<int64_t> r(t.shape.size());
-        for (size_t n = 0; n < r.size(); ++n) r[n] = ranks[std::min(n, ranks.size() - 1)];
-        a.ranks(r);
+      const auto identity = c.identity;
+      o.per_layer = [ranks, identity](const TargetInfo& t, AdapterOptions& a) {
+        if (!ranks.empty()) {
+          std::vector<int64_t> r(t.shape.size());
+          for (size_t n = 0; n < r.size(); ++n) r[n] = ranks[std::min(n, ranks.size() - 1)];
+          a.ranks(r);
+        }
+        if (!identity.empty()) {
+          std::vector<bool> id(t.shape.size(), false);
+          for (auto m : identity)
+            if (m < static_cast<int64_t>(id.size())) id[m] = true;
+          a.identity_modes(id);
+        }
       };
     }
     const std::string head = model.head_name();

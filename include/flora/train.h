@@ -38,6 +38,8 @@ struct TrainConfig {
   int64_t spatial_rank = 2;
   double scale = 1.0;                ///< FLoRA s
   double alpha = 16.0;               ///< LoRA alpha
+  std::string core = "full";         ///< FLoRA core: full | diagonal (CP, with equal ranks) | identity
+  std::vector<int64_t> identity;     ///< FLoRA modes with no factor, e.g. 2,3 (Tucker-2 / LoCon on convs); modes a layer lacks are ignored
   std::string conv_path = "auto";    ///< auto (the cost model per layer and call) | merged | factorized | separable
   std::string targets;               ///< comma list of names, a regex (has a regex character), or all-linear; empty: every conv and linear but the head
   int64_t num_classes = 0;           ///< > 0: new head, trained fully

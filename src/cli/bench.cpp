@@ -31,8 +31,8 @@ namespace cli {
 namespace {
 
 struct StepArgs {
-  std::string model, weights, method = "flora", mode = "train", conv_path = "auto", targets;
-  std::vector<int64_t> ranks;
+  std::string model, weights, method = "flora", mode = "train", conv_path = "auto", targets, core = "full";
+  std::vector<int64_t> ranks, identity;
   int64_t rank = 8, batch_size = 16, image_size = 64, steps = 10, warmup = 2, num_classes = 0;
   double scale = 4.0, alpha = 16.0;
   bool json = false;
@@ -64,6 +64,8 @@ int run_step(const StepArgs& a) {
   c.scale = a.scale;
   c.alpha = a.alpha;
   c.conv_path = a.conv_path;
+  c.core = a.core;
+  c.identity = a.identity;
   c.targets = a.targets;
   c.num_classes = a.num_classes;
   if (c.conv_path != "auto" && c.conv_path != "merged" && c.conv_path != "factorized" && c.conv_path != "separable")
@@ -170,7 +172,7 @@ int run_step(const StepArgs& a) {
 }  // namespace
 
 void add_bench(CLI::App& app, std::function<int()>& run) {
-  auto* bench = app.add_subcommand("bench", "Benchmarks of whole models (see docs/PERFORMANCE.md)");
+  auto* bench = app.add_subcommand("bench", "Benchmarks of whole models (step: docs/PERFORMANCE.md) and the study (docs/RESULTS.md)");
   bench->require_subcommand(1);
   auto a = std::make_shared<StepArgs>();
   auto* c = bench->add_subcommand("step", "Time and peak memory of training steps on random data: frozen (forward + input "
@@ -183,6 +185,8 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
   c->add_option("--rank", a->rank, "LoRA rank, or FLoRA's channel rank")->capture_default_str();
   c->add_option("--scale", a->scale, "FLoRA scale s")->capture_default_str();
   c->add_option("--alpha", a->alpha, "LoRA alpha")->capture_default_str();
+  c->add_option("--core", a->core, "FLoRA core: full, diagonal (cp) or identity")->capture_default_str();
+  c->add_option("--identity", a->identity, "FLoRA modes with no factor, e.g. 2,3 (Tucker-2)")->delimiter(',');
   c->add_option("--targets", a->targets, "Modules to adapt, as flora train: names, a regex, all-linear or all-conv "
                                          "(default: every conv and linear but the head)");
   c->add_option("--conv-path", a->conv_path, "auto (cost model), merged, factorized or separable (depthwise Conv2d only)")->capture_default_str();
@@ -193,6 +197,7 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
   c->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   c->add_flag("--json", a->json, "Print one JSON object (median_step_s, peak_rss_mb, conv paths per layer, ...)");
   c->callback([a, &run] { run = [a] { return run_step(*a); }; });
+  add_study(*bench, run);
 }
 
 }  // namespace cli

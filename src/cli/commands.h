@@ -15,8 +15,10 @@ struct TrainConfig;
 }
 namespace cli {
 void add_demo(CLI::App& app, std::function<int()>& run);
-/// bench step (and later study).
+/// bench step and bench study.
 void add_bench(CLI::App& app, std::function<int()>& run);
+/// bench study (study.cpp), added under `bench`.
+void add_study(CLI::App& bench, std::function<int()>& run);
 /// train, eval and forward.
 void add_train_commands(CLI::App& app, std::function<int()>& run);
 /// merge and export.

@@ -8,17 +8,9 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
-#include <fcntl.h>
-#include <spawn.h>
-#include <sys/resource.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -28,8 +20,7 @@
 #include "flora/io/safetensors.h"
 #include "flora/model.h"
 #include "flora/train.h"
-
-extern char** environ;
+#include "runs.h"
 
 namespace flora {
 namespace cli {
@@ -46,71 +37,11 @@ struct DemoArgs {
   double scale = 4.0;
 };
 
-struct Run {
+struct Run : RunResult {
+  Run(std::string n, std::string l, train::TrainConfig c) : name(std::move(n)), label(std::move(l)), config(std::move(c)) {}
   std::string name, label;  // directory name, table label
   train::TrainConfig config;
-  // measured
-  int64_t trainable = 0, adapter = 0;
-  double top1 = 0, step_s = 0, wall_s = 0, peak_mb = 0;
-  std::vector<std::pair<double, double>> acc, loss;  // per eval (epoch, top-1 %), per log (step, loss)
 };
-
-// Runs `flora train CONFIG` as a child process (stderr and stdout to LOG); returns its exit code
-// and sets the peak resident memory of that process alone.
-int run_child(const std::string& config, const std::string& log, double& peak_mb) {
-  const std::string exe = fs::read_symlink("/proc/self/exe").string();
-  const std::string threads = std::to_string(torch::get_num_threads());
-  std::vector<std::string> args{exe, "--threads", threads, "train", config};
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 2, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_adddup2(&fa, 2, 1);
-  pid_t pid = 0;
-  const int err = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (err != 0) throw Error("demo: cannot start '" + exe + "': " + std::strerror(err));
-  int status = 0;
-  struct rusage ru {};
-  while (wait4(pid, &status, 0, &ru) < 0)
-    if (errno != EINTR) throw Error("demo: waiting for the training process failed: " + std::string(std::strerror(errno)));
-  peak_mb = ru.ru_maxrss / 1024.0;  // kilobytes on Linux
-  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-  return WEXITSTATUS(status);
-}
-
-// Reads the run's metrics.jsonl: the last evaluation, the curves and the median step time.
-void read_metrics(Run& r) {
-  std::ifstream in(fs::path(r.config.out) / "metrics.jsonl");
-  std::vector<double> step_s;
-  for (std::string line; std::getline(in, line);) {
-    const auto j = json::parse(line, nullptr, false);
-    if (j.is_discarded()) continue;
-    if (j.value("type", "") == "eval") {
-      r.top1 = 100 * j.value("top1", 0.0);
-      r.acc.emplace_back(j.value("epoch", 0), r.top1);
-    } else if (j.value("type", "") == "train") {
-      r.loss.emplace_back(j.value("step", 0), j.value("loss", 0.0));
-      const double rate = j.value("images_per_s", 0.0);
-      if (rate > 0) step_s.push_back(static_cast<double>(r.config.batch_size) / rate);
-    }
-  }
-  if (step_s.size() > 1) step_s.erase(step_s.begin());  // the first window warms up
-  if (!step_s.empty()) {
-    std::nth_element(step_s.begin(), step_s.begin() + step_s.size() / 2, step_s.end());
-    r.step_s = step_s[step_s.size() / 2];
-  }
-}
-
-// Trainable parameters of a configuration, counted on the model itself (no training).
-void count_parameters(Run& r) {
-  auto model = open_model(r.config.model);
-  r.adapter = train::prepare_model(*model, r.config).total_params();
-  r.trainable = 0;
-  for (const auto& [n, p] : model->trainable_parameters()) r.trainable += p.numel();
-}
 
 // The LoRA rank whose total count on the same layers is closest to `target` parameters.
 int64_t lora_rank_for(const train::TrainConfig& base, int64_t target) {
@@ -119,18 +50,12 @@ int64_t lora_rank_for(const train::TrainConfig& base, int64_t target) {
     Run probe{"", "", base};
     probe.config.method = "lora";
     probe.config.rank = rank;
-    count_parameters(probe);
+    count_parameters(probe.config, probe);
     const int64_t gap = std::llabs(probe.adapter - target);
     if (best_gap < 0 || gap < best_gap) best = rank, best_gap = gap;
     if (probe.adapter > target) break;
   }
   return best;
-}
-
-std::string html_escape(const std::string& s) {
-  std::string o;
-  for (char ch : s) o += ch == '<' ? "&lt;" : ch == '>' ? "&gt;" : ch == '&' ? "&amp;" : std::string(1, ch);
-  return o;
 }
 
 void write_report(const fs::path& out, const std::vector<Run>& runs, const std::string& table, double pretrain_top1) {
@@ -159,27 +84,10 @@ int run_demo(const DemoArgs& a) {
   const int64_t source_n = a.quick ? 1000 : 6000, target_n = a.quick ? 500 : 3000;
 
   // 1. The base: full training on the source task, cached by its configuration.
-  train::TrainConfig pre;
-  pre.model = "smallcnn";
-  pre.data = "procedural:shapes:" + std::to_string(source_n);
-  pre.val_data = "procedural:shapes";
-  pre.method = "full";
-  pre.update_batchnorm = true;
-  pre.epochs = a.quick ? 1 : 5;
-  pre.batch_size = 64;
-  pre.lr = 2e-3;
-  pre.warmup_steps = 20;
-  pre.seed = a.seed;
-  pre.log_every = 20;
-  pre.out = (out / "pretrain").string();
-  const fs::path base = out / "pretrain" / "adapter" / "trained_modules.safetensors";
-  std::string cached;
-  {
-    std::ifstream in(out / "pretrain" / "config.yaml");
-    cached.assign(std::istreambuf_iterator<char>(in), {});
-  }
+  const train::TrainConfig pre = pretrain_config(source_n, a.quick ? 1 : 5, a.seed, (out / "pretrain").string());
+  const fs::path base = pretrained_weights(pre);
   double pre_peak = 0;
-  if (fs::exists(base) && cached == pre.to_yaml()) {
+  if (pretrained(pre)) {
     std::printf("[1/6] pretrained base: reusing %s\n", base.c_str());
   } else {
     std::printf("[1/6] pretraining smallcnn on procedural:shapes (%lld images, %lld epochs; cached for the next run) ...\n",
@@ -188,14 +96,14 @@ int run_demo(const DemoArgs& a) {
     fs::remove_all(out / "pretrain");
     fs::create_directories(out / "pretrain");
     io::atomic_write((out / "pretrain.yaml").string(), pre.to_yaml());
-    const int rc = run_child((out / "pretrain.yaml").string(), (out / "pretrain.log").string(), pre_peak);
+    const int rc = run_child({"train", (out / "pretrain.yaml").string()}, (out / "pretrain.log").string(), pre_peak, "demo");
     if (rc != 0) {
       if (rc == 130) return 130;
       throw Error("demo: pretraining failed (exit " + std::to_string(rc) + "); see " + (out / "pretrain.log").string());
     }
   }
   Run pre_run{"pretrain", "pretrain", pre};
-  read_metrics(pre_run);
+  read_metrics(pre.out, pre.batch_size, pre_run);
 
   // 2. The target runs, all from the same base with a new 10-class head.
   train::TrainConfig t;
@@ -228,7 +136,7 @@ int run_demo(const DemoArgs& a) {
     c.rank = a.ranks[0];
     c.alpha = 2.0 * a.ranks[0];
   });
-  for (auto& r : runs) count_parameters(r);
+  for (auto& r : runs) count_parameters(r.config, r);
   const int64_t r_eq = lora_rank_for(runs[2].config, runs[1].adapter);
   add("lora_eq", "", [&](train::TrainConfig& c) {
     c.method = "lora";
@@ -239,8 +147,8 @@ int run_demo(const DemoArgs& a) {
     c.method = "full";
     c.lr = 2e-3;
   });
-  count_parameters(runs[3]);
-  count_parameters(runs[4]);
+  count_parameters(runs[3].config, runs[3]);
+  count_parameters(runs[4].config, runs[4]);
   std::string ranks;
   for (auto r : a.ranks) ranks += (ranks.empty() ? "" : ",") + std::to_string(r);
   std::ostringstream scale;
@@ -254,18 +162,13 @@ int run_demo(const DemoArgs& a) {
     std::printf("[%zu/6] %-30s on procedural:glyphs (%lld images, %lld epochs) ...", i + 2, r.label.c_str(), (long long)target_n,
                 (long long)r.config.epochs);
     std::fflush(stdout);
-    fs::remove_all(r.config.out);
     const std::string yaml = (out / "runs" / (r.name + ".yaml")).string(), log = (out / "runs" / (r.name + ".log")).string();
-    io::atomic_write(yaml, r.config.to_yaml());
-    const auto t0 = std::chrono::steady_clock::now();
-    const int rc = run_child(yaml, log, r.peak_mb);
-    r.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const int rc = train_child(r.config, yaml, log, "demo", r);
     if (rc == 130) {
       std::printf(" interrupted\n");
       return 130;
     }
     if (rc != 0) throw Error("demo: run '" + r.name + "' failed (exit " + std::to_string(rc) + "); see " + log);
-    read_metrics(r);
     std::printf(" top-1 %5.1f %%  (%.0f s)\n", r.top1, r.wall_s);
   }
 

@@ -244,6 +244,8 @@ void add_inspect(CLI::App& app, std::function<int()>& run) {
            {"--spatial-rank", "spatial_rank", "FLoRA rank of kernel modes without --ranks"},
            {"--scale", "scale", "FLoRA scale s"},
            {"--alpha", "alpha", "LoRA alpha"},
+           {"--core", "core", "FLoRA core: full, diagonal (cp) or identity"},
+           {"--identity", "identity", "FLoRA modes with no factor, e.g. 2,3 (Tucker-2)"},
            {"--targets", "targets", "Modules: names / dotted suffixes, a regex, all-linear or all-conv"},
            {"--num-classes", "num_classes", "New head with K classes"}}) {
     c->add_option_function<std::string>(flag, [a, key = key](const std::string& v) { a->plan.push_back(key + "=" + v); }, help);

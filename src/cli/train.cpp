@@ -39,6 +39,8 @@ const Flag kFlags[] = {
     {"spatial_rank", "FLoRA rank of kernel modes when --ranks is not given"},
     {"scale", "FLoRA scale s"},
     {"alpha", "LoRA alpha"},
+    {"core", "FLoRA core: full, diagonal (cp: with equal ranks, e.g. --ranks 8,8,8,8) or identity"},
+    {"identity", "FLoRA modes with no factor, e.g. 2,3 (Tucker-2 / LoCon on convs; a layer's missing modes are ignored)"},
     {"conv_path", "Adapted conv forward: auto (cost model), merged, factorized or separable (depthwise Conv2d only)"},
     {"targets", "Modules: a comma list of names / dotted suffixes, a regex, all-linear or all-conv (default: every conv and linear but the head)"},
     {"num_classes", "Re-initialize the classifier head for K classes and train it fully"},

@@ -140,6 +140,47 @@ assert abs(r["lora_eq"]["adapter_params"] - r["flora"]["adapter_params"]) < abs(
 assert all(x["peak_rss_mb"] > 50 and x["median_step_s"] > 0 and 0 <= x["top1"] <= 100 for x in r.values()), r
 ' demo/results.json && ok || no "demo results.json"
 check "demo cached" 0 "reusing" -- demo --quick --out demo
+# 5c. The study's mechanics (bench study --quick, shrunk further: one seed, one target, tiny runs; the
+# accuracies mean nothing): every method, the bench phase, the outputs, counts equal to `flora params`.
+check "study" 0 "study took" -- bench study --quick --seeds 1 --targets glyphs --images 64 --epochs 1 \
+  --source-images 300 --out study
+for f in study.json tables.md accuracy_glyphs.svg scale.svg lr.svg bench.json; do
+  [[ -s study/$f ]] && ok || no "study lacks $f"
+done
+"$python" - "$flora" study <<'PY' && ok || no "study results"
+import glob, json, subprocess, sys, xml.etree.ElementTree as ET
+flora, d = sys.argv[1], sys.argv[2]
+s = json.load(open(d + "/study.json"))
+assert s["runs_missing"] == 0 and s["runs_planned"] == len(glob.glob(d + "/runs/*.json")), s["runs_planned"]
+assert {c["family"] for c in s["configs"]} == {"head", "full", "lora", "flora", "tucker2", "cp"}, s["configs"]
+assert [b["method"] for b in s["bench"]] == ["frozen", "full", "lora", "flora", "tucker2", "cp"], s["bench"]
+assert all(b["median_step_s"] > 0 and b["peak_rss_mb"] > 50 for b in s["bench"]), s["bench"]
+assert any(h["reference"] for h in s["headline"]) and s["scale_sweep"] and s["lr_sweep"], s["headline"]
+for f in glob.glob(d + "/*.svg"):
+    ET.parse(f)
+shapes = [[32, 3, 3, 3], [64, 32, 3, 3], [64, 64, 3, 3], [128, 64, 3, 3], [128, 128, 3, 3]]  # smallcnn's convs
+def count(r):  # the adapters' parameters by `flora params`, layer by layer (ranks clipped as train clips them)
+    total = 0
+    for sh in shapes:
+        if r["core"] == "diagonal":  # CP: R core values + R per index of every mode (R may exceed a mode)
+            total += r["ranks"][0] * (1 + sum(sh)); continue
+        a = ["--method", "lora", "--rank", str(r["rank"])] if r["method"] == "lora" else \
+            ["--ranks", ",".join(str(min(x, n)) for x, n in zip(r["ranks"], sh))] + \
+            (["--identity", ",".join(map(str, r["identity"]))] if r["identity"] else [])
+        out = subprocess.run([flora, "params", "--shape", ",".join(map(str, sh)), "--json"] + a, capture_output=True, text=True, check=True)
+        total += json.loads(out.stdout)["trainable"]
+    return total
+for f in glob.glob(d + "/runs/*.json"):
+    r = json.load(open(f))
+    assert 0 <= r["top1"] <= 100 and r["top1_per_epoch"] and r["peak_rss_mb"] > 50 and r["wall_s"] > 0, r["name"]
+    if r["method"] in ("lora", "flora") and r["targets"] == "":
+        assert r["adapter_params"] == count(r), (r["name"], r["adapter_params"], count(r))
+    if r["method"] == "frozen":
+        assert r["trainable"] == 1290 and r["adapter_params"] == 0, r
+PY
+check "study cached" 0 "0 run now" -- bench study --quick --seeds 1 --targets glyphs --images 64 --epochs 1 \
+  --source-images 300 --out study --phase report
+check "study bad phase" 2 "--phase 'x'" -- bench study --phase x --out study
 for r in r1 r2 r3 r4 r5 r6 r7 r8 r9 r10 r11 r12 r13; do [[ ! -e $r/checkpoints/last.safetensors ]] || no "$r trained despite an error"; done
 
 echo "train: $pass passed, $fail failed"
