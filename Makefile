@@ -26,7 +26,7 @@ demo: build
 
 # The study behind docs/RESULTS.md (under an hour on 2 cores), and its pipeline on small data in a few minutes.
 results: build
-	@$(BUILD)/bin/flora bench study --out results
+	@$(BUILD)/bin/flora bench study --fresh --out results
 
 results-quick: build
 	@$(BUILD)/bin/flora bench study --quick --out results-quick

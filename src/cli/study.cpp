@@ -56,6 +56,7 @@ struct StudyArgs {
   int64_t source_images = 0;       // override of the pretraining set's size
   int64_t jobs = 0;                // training runs at a time (0: cores / threads_per_run)
   int threads_per_run = 1;         // intra-op threads of each training run
+  bool fresh = false;              // rerun the pretraining and every run, ignoring stored results
 };
 
 // The sizes and grids of the study; --quick shrinks every one of them.
@@ -377,6 +378,7 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
   const train::TrainConfig pre = pretrain_config(p.source_n, p.source_epochs, 0, (tmp / "pretrain").string());
   const std::string base = pretrained_weights(pre);
   const std::string base_id = std::to_string(std::hash<std::string>{}(pre.to_yaml()));
+  if (a.fresh && do_accuracy) fs::remove_all(pre.out);  // pretrain again: nothing below is reused
   RunResult pre_r;
   {
     if (pretrained(pre)) {
@@ -410,7 +412,8 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
     train::TrainConfig c = pl.config->base;
     c.seed = pl.seed;
     c.out = (tmp / "runs" / pl.name()).string();
-    Result res = read_result(runs_dir / (pl.name() + ".json"), c.to_yaml(), base_id);
+    Result res;
+    if (!(a.fresh && do_accuracy)) res = read_result(runs_dir / (pl.name() + ".json"), c.to_yaml(), base_id);
     if (res.present) ++reused;
     else if (do_accuracy) todo.emplace_back(i, c);
     results[pl.name()] = res;
@@ -765,6 +768,8 @@ void add_study(CLI::App& bench, std::function<int()>& run) {
       ->capture_default_str();
   c->add_option("--cifar10", a->cifar10, "Also adapt to CIFAR-10 (binary version directory; same step budget)");
   c->add_option("--mnist", a->mnist, "Also adapt to MNIST (IDX files directory; same step budget)");
+  c->add_flag("--fresh", a->fresh, "Rerun the pretraining and every training run, ignoring the results already under --out "
+                                   "(make results does; without it a run whose configuration is unchanged is reused)");
   c->add_option("--phase", a->phase, "all, accuracy (pretrain and training runs), bench (flora bench step per method: "
                                      "timing, run it on an idle machine) or report (rebuild the outputs only)")
       ->capture_default_str();

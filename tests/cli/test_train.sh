@@ -180,6 +180,8 @@ for f in glob.glob(d + "/runs/*.json"):
 PY
 check "study cached" 0 "0 run now" -- bench study --quick --seeds 1 --targets glyphs --images 64 --epochs 1 \
   --source-images 300 --out study --phase report
+check "study fresh" 0 "(0 reused)" -- bench study --quick --seeds 1 --targets glyphs --images 64 --epochs 1 \
+  --source-images 300 --out study --phase accuracy --fresh
 check "study bad phase" 2 "--phase 'x'" -- bench study --phase x --out study
 for r in r1 r2 r3 r4 r5 r6 r7 r8 r9 r10 r11 r12 r13; do [[ ! -e $r/checkpoints/last.safetensors ]] || no "$r trained despite an error"; done
 
