@@ -124,8 +124,11 @@ std::unique_ptr<Group> Group::connect(const Launch& l, double timeout_s, const s
     so.numWorkers = static_cast<std::size_t>(l.world_size);
     so.waitWorkers = !l.agent_store;
     so.timeout = timeout;
-    // Keys under a prefix of our own: torchrun's agent keeps its rendezvous keys in the same store.
-    impl->store = c10::make_intrusive<c10d::PrefixStore>("flora", c10::make_intrusive<c10d::TCPStore>(l.master_addr, so));
+    // Keys under a prefix of our own, one per torchrun restart: the agent's store outlives the
+    // workers of a failed attempt, and their keys must not meet the next attempt's.
+    const char* attempt = std::getenv("TORCHELASTIC_RESTART_COUNT");
+    impl->store = c10::make_intrusive<c10d::PrefixStore>("flora/attempt_" + std::string(attempt ? attempt : "0"),
+                                                         c10::make_intrusive<c10d::TCPStore>(l.master_addr, so));
     if (backend == "gloo") {
       auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
       // The address the peers reach this process at: GLOO_SOCKET_IFNAME's interface when set (as

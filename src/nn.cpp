@@ -1,6 +1,7 @@
 // TuckerAdapter and the adaptable layers. The math lives in functional.cpp; this file holds
 // parameters, state (active / merged / enabled) and the choice of forward path.
 #include <torch/torch.h>
+#include <ATen/autocast_mode.h>
 
 #include <cmath>
 #include <iomanip>
@@ -367,9 +368,25 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& x) {
   if (costs.choice == ConvPath::Factorized)
     return F::conv_nd(x, weight, bias, geo_) +
            F::conv_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale(), geo_);
-  if (costs.choice == ConvPath::Separable)  // the base conv needs no weight gradient: W0 is frozen
-    return F::conv_nd(x, weight, bias, geo_) +
-           F::separable_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale(), geo_);
+  if (costs.choice == ConvPath::Separable) {  // the base conv needs no weight gradient: W0 is frozen
+    // Its hand-written backward runs after any autocast scope has closed: keep the branch in the
+    // factors' dtype (float32), with autocast off, so forward and backward agree.
+    torch::Tensor branch;
+    {
+      const bool autocast = at::autocast::is_cpu_enabled();
+      at::autocast::set_cpu_enabled(false);
+      auto in = adapter_input(x, *a);
+      const auto dtype = a->core().scalar_type();
+      try {
+        branch = F::separable_branch(in.scalar_type() == dtype ? in : in.to(dtype), a->core(), a->factors(), a->scale(), geo_);
+      } catch (...) {
+        at::autocast::set_cpu_enabled(autocast);
+        throw;
+      }
+      at::autocast::set_cpu_enabled(autocast);
+    }
+    return F::conv_nd(x, weight, bias, geo_) + branch;
+  }
   if (drop)  // dropout applies to the adapter's input only: a second conv is unavoidable
     return F::conv_nd(x, weight, bias, geo_) + F::conv_nd(adapter_input(x, *a), a->delta_weight(), {}, geo_);
   return F::conv_nd(x, weight + a->delta_weight(), bias, geo_);

@@ -743,7 +743,20 @@ int run_training(const TrainConfig& c) {
       io::save_safetensors((dir / "trained_modules.safetensors").string(), t, {{"format", "pt"}});
     }
   };
+  // With --update-batchnorm each rank's running statistics drift apart: as DDP does, rank 0's
+  // are broadcast before they are used (evaluation) or saved.
+  auto sync_buffers = [&] {
+    if (!group || !c.update_batchnorm) return;
+    std::unordered_set<std::string> params;
+    for (auto& [n, p] : model->named_parameters()) params.insert(n);
+    std::vector<torch::Tensor> buffers;
+    for (auto& [n, b] : model->state_dict())
+      if (!params.count(n)) buffers.push_back(b);
+    torch::NoGradGuard g;
+    group->broadcast(buffers);
+  };
   auto evaluate_now = [&](int64_t epoch) {
+    sync_buffers();
     if (c.val_data.empty()) return;
     const auto r = evaluate(*model, c.val_data, c.image_size, c.in_channels, c.batch_size, c.workers, group.get());
     if (lead) {
@@ -759,7 +772,9 @@ int run_training(const TrainConfig& c) {
     }
   };
 
-  if (g_stop) {  // a signal during setup: stop before any step (nothing to checkpoint)
+  // A signal during setup stops before any step (nothing to checkpoint). With several ranks the
+  // first step's control all-reduce decides instead, so that they all stop together.
+  if (g_stop && !group) {
     std::cerr << "flora: " << (g_stop == SIGTERM ? "terminated" : "interrupted") << " during setup; no step was taken\n";
     return 130;
   }
@@ -860,6 +875,7 @@ int run_training(const TrainConfig& c) {
     const auto rng = rng_states(group.get());
     if (lead) save_checkpoint(ckpt, opt, st, c, rng);
   }
+  sync_buffers();
   save_adapter_to(out / "adapter");
   if (group) group->barrier();  // every file is written before any rank reports success
   if (!lead) return 0;

@@ -4,6 +4,7 @@
 // Tucker formula via explicit einsum, and central finite differences in double precision.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <ATen/autocast_mode.h>
 
 #include <cmath>
 #include <memory>
@@ -389,6 +390,35 @@ TEST_P(SeparableBattery, SeparablePathMatchesMergedWeight) {
 
 INSTANTIATE_TEST_SUITE_P(Depthwise, SeparableBattery, ::testing::ValuesIn(separable_rows()),
                          [](const ::testing::TestParamInfo<SeparableRow>& info) { return info.param.name; });
+
+TEST(FloraConv, SeparablePathUnderBf16AutocastMatchesMergedPath) {
+  // The trainer's --precision bf16 runs forward under CPU autocast and backward after it: the
+  // separable branch's hand-written backward must see one dtype (it stays in float32).
+  torch::manual_seed(3);
+  flora::nn::Conv2d conv(torch::nn::Conv2dOptions(8, 8, 7).groups(8).padding(3));
+  conv->add_adapter("default", AdapterOptions().ranks({4, 1, 2, 2}).init(flora::Init::LoraStyle));
+  auto a = conv->adapter();
+  const auto x = torch::randn({2, 8, 9, 9});
+  std::vector<std::vector<torch::Tensor>> grads;
+  std::vector<torch::Tensor> outs;
+  for (auto path : {ConvPath::Merged, ConvPath::Separable}) {
+    a->set_conv_path(path);
+    for (auto& p : a->parameters()) p.mutable_grad() = torch::Tensor();
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    auto y = conv->forward(x);
+    at::autocast::clear_cache();
+    at::autocast::set_cpu_enabled(false);
+    ASSERT_NO_THROW(y.to(torch::kFloat32).pow(2).sum().backward()) << flora::to_string(path);
+    outs.push_back(y.detach().to(torch::kFloat32));
+    grads.emplace_back();
+    for (auto& p : a->parameters()) grads.back().push_back(p.grad().clone());
+  }
+  // bf16 keeps ~3 significant digits: the two paths agree to that
+  EXPECT_LT(max_abs_diff(outs[0], outs[1]), 5e-2 * outs[0].abs().max().item<double>());
+  for (size_t k = 0; k < grads[0].size(); ++k)
+    EXPECT_LT(max_abs_diff(grads[0][k], grads[1][k]), 5e-2 * (grads[0][k].abs().max().item<double>() + 1e-6)) << "parameter " << k;
+}
 
 TEST(FloraConv, SeparablePathRefusesConvsItCannotRunNamingLayerAndValues) {
   auto message = [](const std::function<void()>& f) {

@@ -438,7 +438,16 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
         r = results[pl.name()].r;  // the counts
       }
       const std::string log = (tmp / "runs" / (pl.name() + ".log")).string();
-      const int rc = train_child(c, (tmp / "runs" / (pl.name() + ".yaml")).string(), log, "study", r, a.threads_per_run);
+      int rc = 0;
+      try {  // an exception must not leave this thread (std::terminate): report it as the failure
+        rc = train_child(c, (tmp / "runs" / (pl.name() + ".yaml")).string(), log, "study", r, a.threads_per_run);
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> g(mu);
+        stop = true;
+        if (exit_code == 0) exit_code = 1;
+        if (failure.empty()) failure = "study: run '" + pl.name() + "' could not run: " + e.what();
+        continue;
+      }
       std::lock_guard<std::mutex> g(mu);
       if (rc != 0) {
         stop = true;
@@ -449,7 +458,14 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
       results[pl.name()] = {true, r};
       ++ran;
       train_s += r.wall_s;
-      io::atomic_write((runs_dir / (pl.name() + ".json")).string(), result_json(pl, c, r, base_id).dump(1) + "\n");
+      try {
+        io::atomic_write((runs_dir / (pl.name() + ".json")).string(), result_json(pl, c, r, base_id).dump(1) + "\n");
+      } catch (const std::exception& e) {
+        stop = true;
+        if (exit_code == 0) exit_code = 1;
+        if (failure.empty()) failure = "study: cannot save run '" + pl.name() + "': " + e.what();
+        continue;
+      }
       std::printf("[%zu/%zu] %-22s %-9s seed %llu: top-1 %5.1f %%  (%s params, %.0f s)\n", ++done, todo.size(),
                   pl.config->label.c_str(), pl.config->target.c_str(), (unsigned long long)pl.seed, r.top1,
                   format_count(r.trainable).c_str(), r.wall_s);

@@ -70,6 +70,9 @@ grep -q "data-parallel: 2 processes (gloo" two.log && ok || no "startup line nam
 grep -q "bytes all-reduced per step" two.log && ok || no "startup line reports the bytes per step"
 [[ $(grep -c "flora: done" two.log) -eq 1 ]] && ok || no "only rank 0 reports"
 
+# BatchNorm statistics trained too: rank 0's are broadcast before evaluation and saving
+"$flora" train "${common[@]}" --batch-size 8 --nproc 2 --update-batchnorm true --out bn >bn.log 2>&1 && ok || { no "--update-batchnorm with 2 processes"; tail -n 3 bn.log; }
+
 # 3. torchrun (Debian's needs a one-line parser fix on Python 3.11: torchrun.py) and SLURM's variables.
 p=$(port)
 "$python" "$here/torchrun.py" --no_python --nproc_per_node=2 --master_port="$p" \
