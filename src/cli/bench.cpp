@@ -189,7 +189,7 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
   c->add_option("--identity", a->identity, "FLoRA modes with no factor, e.g. 2,3 (Tucker-2)")->delimiter(',');
   c->add_option("--targets", a->targets, "Modules to adapt, as flora train: names, a regex, all-linear or all-conv "
                                          "(default: every conv and linear but the head)");
-  c->add_option("--conv-path", a->conv_path, "auto (cost model), merged, factorized or separable (depthwise Conv2d only)")->capture_default_str();
+  c->add_option("--conv-path", a->conv_path, "auto (cost model), merged, factorized or separable (only depthwise Conv2d: restrict --targets to them, e.g. '.*block\\.0' on ConvNeXt)")->capture_default_str();
   c->add_option("--num-classes", a->num_classes, "New head with K classes (0: keep the model's)")->capture_default_str();
   c->add_option("--batch-size", a->batch_size, "Batch size")->capture_default_str()->check(CLI::PositiveNumber);
   c->add_option("--image-size", a->image_size, "Image size (PX x PX, 3 channels)")->capture_default_str()->check(CLI::PositiveNumber);
