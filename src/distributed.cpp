@@ -285,15 +285,19 @@ void GradientReducer::arm() {
   }
 }
 
+torch::Tensor GradientReducer::slice(size_t k) const {
+  return buckets_[bucket_of_[k]].flat.narrow(0, static_cast<int64_t>(offset_of_[k]), params_[k].numel()).view_as(params_[k]);
+}
+
 void GradientReducer::on_grad(size_t k, const torch::Tensor& g) {
   if (!armed_ || filled_[k]) return;
   torch::NoGradGuard no_grad;
   auto& b = buckets_[bucket_of_[k]];
-  auto slice = b.flat.narrow(0, static_cast<int64_t>(offset_of_[k]), params_[k].numel()).view_as(params_[k]);
+  auto mine = slice(k);
   // The hook sees this backward's gradient before it is accumulated: add the earlier micro-batches'.
   const auto& earlier = params_[k].grad();
-  if (earlier.defined()) torch::add_out(slice, g, earlier);
-  else slice.copy_(g);
+  if (earlier.defined()) torch::add_out(mine, g, earlier);
+  else mine.copy_(g);
   filled_[k] = true;
   ++b.ready;
   const size_t before = next_launch_;
@@ -317,10 +321,10 @@ void GradientReducer::finish(torch::Tensor& control) {
   for (size_t k = 0; k < params_.size(); ++k) {
     if (filled_[k]) continue;
     auto& b = buckets_[bucket_of_[k]];
-    auto slice = b.flat.narrow(0, static_cast<int64_t>(offset_of_[k]), params_[k].numel()).view_as(params_[k]);
+    auto mine = slice(k);
     const auto& earlier = params_[k].grad();
-    if (earlier.defined()) slice.copy_(earlier);
-    else slice.zero_();
+    if (earlier.defined()) mine.copy_(earlier);
+    else mine.zero_();
     filled_[k] = true;
     ++b.ready;
   }
@@ -328,15 +332,11 @@ void GradientReducer::finish(torch::Tensor& control) {
   armed_ = false;
   collective(group_, "gradient all-reduce", [&] {
     for (auto& b : buckets_) b.work->wait();
-    std::vector<at::Tensor> one{group_.impl().staged(control)};
-    group_.impl().pg->allreduce(one)->wait();
-    if (!one[0].is_same(control)) control.copy_(one[0]);
   });
+  group_.allreduce_sum(control);
   const double n = static_cast<double>(group_.size());
   for (auto& b : buckets_) b.flat.div_(n);
-  for (size_t k = 0; k < params_.size(); ++k)
-    params_[k].mutable_grad() =
-        buckets_[bucket_of_[k]].flat.narrow(0, static_cast<int64_t>(offset_of_[k]), params_[k].numel()).view_as(params_[k]);
+  for (size_t k = 0; k < params_.size(); ++k) params_[k].mutable_grad() = slice(k);
 }
 
 }  // namespace dist

@@ -1,7 +1,6 @@
 // TuckerAdapter and the adaptable layers. The math lives in functional.cpp; this file holds
 // parameters, state (active / merged / enabled) and the choice of forward path.
 #include <torch/torch.h>
-#include <ATen/autocast_mode.h>
 
 #include <cmath>
 #include <iomanip>
@@ -373,17 +372,10 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& x) {
     // factors' dtype (float32), with autocast off, so forward and backward agree.
     torch::Tensor branch;
     {
-      const bool autocast = at::autocast::is_cpu_enabled();
-      at::autocast::set_cpu_enabled(false);
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
       auto in = adapter_input(x, *a);
       const auto dtype = a->core().scalar_type();
-      try {
-        branch = F::separable_branch(in.scalar_type() == dtype ? in : in.to(dtype), a->core(), a->factors(), a->scale(), geo_);
-      } catch (...) {
-        at::autocast::set_cpu_enabled(autocast);
-        throw;
-      }
-      at::autocast::set_cpu_enabled(autocast);
+      branch = F::separable_branch(in.scalar_type() == dtype ? in : in.to(dtype), a->core(), a->factors(), a->scale(), geo_);
     }
     return F::conv_nd(x, weight, bias, geo_) + branch;
   }

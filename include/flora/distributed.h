@@ -101,6 +101,7 @@ class GradientReducer {
 
  private:
   void on_grad(size_t param, const torch::Tensor& grad);
+  torch::Tensor slice(size_t param) const;  ///< the parameter's view into its bucket
   void launch_ready();
   struct Bucket;
   Group& group_;

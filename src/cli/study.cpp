@@ -428,6 +428,12 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
   double train_s = 0;
   fs::create_directories(tmp / "runs");
   for (auto& [i, c] : todo) count_parameters(c, results[planned[i].name()].r);
+  // The first failure stops the others and is what the study reports (call with `mu` held).
+  auto record_failure = [&](int code, const std::string& why) {
+    stop = true;
+    if (exit_code == 0) exit_code = code;
+    if (code != 130 && failure.empty()) failure = why;
+  };
   auto worker = [&] {
     for (size_t k; !stop && (k = next.fetch_add(1)) < todo.size();) {
       const auto& [i, c] = todo[k];
@@ -443,16 +449,12 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
         rc = train_child(c, (tmp / "runs" / (pl.name() + ".yaml")).string(), log, "study", r, a.threads_per_run);
       } catch (const std::exception& e) {
         std::lock_guard<std::mutex> g(mu);
-        stop = true;
-        if (exit_code == 0) exit_code = 1;
-        if (failure.empty()) failure = "study: run '" + pl.name() + "' could not run: " + e.what();
+        record_failure(1, "study: run '" + pl.name() + "' could not run: " + e.what());
         continue;
       }
       std::lock_guard<std::mutex> g(mu);
       if (rc != 0) {
-        stop = true;
-        if (exit_code == 0) exit_code = rc == 130 ? 130 : 1;
-        if (rc != 130 && failure.empty()) failure = "study: run '" + pl.name() + "' failed (exit " + std::to_string(rc) + "); see " + log;
+        record_failure(rc == 130 ? 130 : 1, "study: run '" + pl.name() + "' failed (exit " + std::to_string(rc) + "); see " + log);
         continue;
       }
       results[pl.name()] = {true, r};
@@ -461,9 +463,7 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
       try {
         io::atomic_write((runs_dir / (pl.name() + ".json")).string(), result_json(pl, c, r, base_id).dump(1) + "\n");
       } catch (const std::exception& e) {
-        stop = true;
-        if (exit_code == 0) exit_code = 1;
-        if (failure.empty()) failure = "study: cannot save run '" + pl.name() + "': " + e.what();
+        record_failure(1, "study: cannot save run '" + pl.name() + "': " + e.what());
         continue;
       }
       std::printf("[%zu/%zu] %-22s %-9s seed %llu: top-1 %5.1f %%  (%s params, %.0f s)\n", ++done, todo.size(),
