@@ -250,6 +250,73 @@ TEST(ConvBranch, EqualsConvolutionWithDenseDelta) {
   }
 }
 
+// conv_nd's depthwise path (weight gradient as a batch-folded forward conv) against torch's own
+// convolution autograd, in float64 and float32, for every geometry it accepts.
+struct DepthwiseCase {
+  std::string name;
+  std::vector<int64_t> x_shape, w_shape;
+  F::ConvGeometry geo;
+  bool bias, input_grad;
+  torch::Dtype dtype;
+};
+
+TEST(ConvNd, DepthwiseWeightGradientMatchesTorchAutograd) {
+  using PM = F::PaddingMode;
+  const std::vector<DepthwiseCase> cases = {
+      {"convnext-7x7", {2, 6, 16, 16}, {6, 1, 7, 7}, {{1, 1}, {3, 3}, {1, 1}, 6, PM::Zeros}, true, true, torch::kFloat64},
+      {"convnext-7x7-f32", {3, 6, 16, 16}, {6, 1, 7, 7}, {{1, 1}, {3, 3}, {1, 1}, 6, PM::Zeros}, true, true, torch::kFloat32},
+      {"padding-past-input", {2, 8, 2, 2}, {8, 1, 7, 7}, {{1, 1}, {3, 3}, {1, 1}, 8, PM::Zeros}, false, true, torch::kFloat64},
+      {"padding-past-input-f32", {2, 8, 2, 3}, {8, 1, 7, 7}, {{1, 1}, {3, 3}, {1, 1}, 8, PM::Zeros}, true, false, torch::kFloat32},
+      {"stride-dilation", {2, 4, 9, 8}, {4, 1, 3, 3}, {{2, 1}, {1, 2}, {2, 1}, 4, PM::Zeros}, true, true, torch::kFloat64},
+      {"stride-3-uneven", {1, 3, 10, 11}, {3, 1, 4, 2}, {{3, 2}, {1, 0}, {1, 3}, 3, PM::Zeros}, false, true, torch::kFloat64},
+      {"multiplier-2", {2, 3, 6, 6}, {6, 1, 3, 3}, {{1, 1}, {1, 1}, {1, 1}, 3, PM::Zeros}, true, true, torch::kFloat64},
+      {"rectangular-kernel", {2, 4, 7, 9}, {4, 1, 3, 5}, {{1, 1}, {1, 2}, {1, 1}, 4, PM::Zeros}, false, false, torch::kFloat64},
+      {"reflect", {1, 4, 6, 6}, {4, 1, 3, 3}, {{1, 1}, {1, 1}, {1, 1}, 4, PM::Reflect}, true, true, torch::kFloat64},
+      {"circular-stride", {2, 4, 7, 7}, {8, 1, 3, 3}, {{2, 2}, {1, 1}, {1, 1}, 4, PM::Circular}, false, true, torch::kFloat64},
+  };
+  for (const auto& c : cases) {
+    const auto opt = torch::TensorOptions().dtype(c.dtype);
+    const auto x = torch::randn(c.x_shape, opt).requires_grad_(c.input_grad);
+    const auto w = torch::randn(c.w_shape, opt).requires_grad_(true);
+    const auto b = c.bias ? torch::randn({c.w_shape[0]}, opt).requires_grad_(true) : Tensor();
+    auto y = F::conv_nd(x, w, b, c.geo);
+    ASSERT_NE(y.grad_fn(), nullptr) << c.name;
+    EXPECT_NE(y.grad_fn()->name().find("DepthwiseConv2d"), std::string::npos)
+        << c.name << ": conv_nd took " << y.grad_fn()->name();
+    // Reference: torch's convolution on explicitly padded input, its own autograd.
+    Tensor xr = x.detach().clone().requires_grad_(c.input_grad), wr = w.detach().clone().requires_grad_(true);
+    Tensor br = c.bias ? b.detach().clone().requires_grad_(true) : Tensor();
+    const auto& p = c.geo.padding;
+    Tensor in = xr;
+    std::vector<int64_t> pad = p;
+    if (c.geo.padding_mode != PM::Zeros) {
+      in = at::pad(xr, {p[1], p[1], p[0], p[0]}, c.geo.padding_mode == PM::Reflect ? "reflect" : "circular");
+      pad = {0, 0};
+    }
+    const auto yr = at::convolution(in, wr, br.defined() ? c10::optional<Tensor>(br) : c10::nullopt, c.geo.stride, pad,
+                                    c.geo.dilation, false, {0, 0}, c.geo.groups);
+    ASSERT_EQ(y.sizes(), yr.sizes()) << c.name;
+    const auto gy = torch::randn(y.sizes(), opt);
+    y.backward(gy);
+    yr.backward(gy);
+    const double tol = c.dtype == torch::kFloat64 ? 1e-10 : 2e-4;
+    EXPECT_LT(max_abs_diff(y.detach(), yr.detach()), tol) << c.name;
+    EXPECT_LT(max_abs_diff(w.grad(), wr.grad()) / (1.0 + wr.grad().abs().max().item<double>()), tol) << c.name;
+    if (c.bias) EXPECT_LT(max_abs_diff(b.grad(), br.grad()), tol * 10) << c.name;
+    if (c.input_grad) EXPECT_LT(max_abs_diff(x.grad(), xr.grad()), tol) << c.name;
+  }
+}
+
+TEST(ConvNd, DepthwiseWithFrozenWeightOrNonDepthwiseUsesTorchConv) {
+  const F::ConvGeometry dw{{1, 1}, {1, 1}, {1, 1}, 4, F::PaddingMode::Zeros};
+  const auto x = torch::randn({1, 4, 5, 5}).requires_grad_(true);
+  const auto frozen = F::conv_nd(x, torch::randn({4, 1, 3, 3}), {}, dw);
+  EXPECT_EQ(frozen.grad_fn()->name().find("DepthwiseConv2d"), std::string::npos) << frozen.grad_fn()->name();
+  const F::ConvGeometry grouped{{1, 1}, {1, 1}, {1, 1}, 2, F::PaddingMode::Zeros};
+  const auto g = F::conv_nd(x, torch::randn({4, 2, 3, 3}).requires_grad_(true), {}, grouped);
+  EXPECT_EQ(g.grad_fn()->name().find("DepthwiseConv2d"), std::string::npos) << g.grad_fn()->name();
+}
+
 TEST(LinearBranch, EqualsDenseMatmulAndLoRA) {
   auto x = torch::randn({3, 4, 7}, kF64);
   auto core = torch::randn({3, 2}, kF64);
