@@ -337,10 +337,11 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   // Multiply-adds, plus memory traffic of the extra activations weighted by kMemCost
   // (on CPU a float moved costs about as much as several multiply-adds; see docs/DESIGN.md).
   constexpr double kMemCost = 8.0;
-  // The weight gradient of a depthwise conv (groups > 1, in/groups == 1) runs far below the
-  // speed of its forward on CPU (LibTorch 1.13, oneDNN): measured 96 ch 7x7 on 16x16, batch 16,
-  // forward 0.30 ms, weight gradient 6.8 ms. Charged as this many multiply-adds per base one.
-  constexpr double kDepthwiseWeightGradCost = 16.0;
+  // The weight gradient of a depthwise conv (groups > 1, in/groups == 1) runs below the speed of
+  // its forward even as functional::conv_nd computes it (one batch-folded forward conv: 0.41 ms
+  // against the forward's 0.28 ms for 96 ch 7x7 on 16x16, batch 16; oneDNN's own took 6.6 ms).
+  // Charged as this many multiply-adds per base one.
+  constexpr double kDepthwiseWeightGradCost = 1.5;
   const double p_out = static_cast<double>(in.batch) * static_cast<double>(product(in.out_spatial));
   const double p_in = static_cast<double>(in.batch) * static_cast<double>(product(in.in_spatial));
   const double K = static_cast<double>(product(in.kernel));
@@ -366,10 +367,13 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
 
   const double r_out = static_cast<double>(s.ranks[0]);
   const double r_in = static_cast<double>(s.ranks[1]);
-  const double s1 = s.identity[1] ? 0.0 : p_in * static_cast<double>(in.in_channels) * r_in;
-  const double s2 = p_out * g * r_out * r_in * K;
+  // A 1x1 kernel folds U_in into the core conv (functional::conv_branch): no step 1.
+  const bool fold_in = !s.identity[1] && K == 1.0;
+  const bool step1 = !s.identity[1] && !fold_in;
+  const double s1 = step1 ? p_in * static_cast<double>(in.in_channels) * r_in : 0.0;
+  const double s2 = p_out * g * r_out * (fold_in ? cin_g : r_in) * K;
   const double s3 = s.identity[0] ? 0.0 : p_out * out * r_out;
-  const double traffic = (s.identity[1] ? 0.0 : p_in * g * r_in) + p_out * g * r_out + p_out * out;
+  const double traffic = (step1 ? p_in * g * r_in : 0.0) + p_out * g * r_out + p_out * out;
   if (!in.training) {
     c.factorized = s1 + s2 + s3 + kMemCost * traffic;
   } else {
@@ -403,9 +407,9 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   if (s.conv_path != ConvPath::Auto) {
     c.choice = s.conv_path;
   } else {
-    // Separable is estimated but never chosen here: on ConvNeXt-tiny at 2 threads it measured
-    // 1.54x the frozen step against merged's 1.19x (docs/PERFORMANCE.md), although this model
-    // rates it cheaper. It stays an explicit choice, for its memory (+3 % against merged's +11 %).
+    // Separable is estimated but never chosen here: its many small operations scale worse with
+    // threads than this model can say (on ConvNeXt-tiny at 2 threads it measured 1.54x the frozen
+    // step when merged measured 1.27x; docs/PERFORMANCE.md). It stays an explicit choice.
     c.choice = c.factorized < c.merged ? ConvPath::Factorized : ConvPath::Merged;
   }
   return c;

@@ -233,6 +233,10 @@ TEST(ConvBranch, EqualsConvolutionWithDenseDelta) {
       {"tucker2", {2, 5, 6, 6}, {6, 5, 3, 3}, {3, 2, 3, 3}, {false, false, true, true}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros}},
       {"lora-layout-grouped", {2, 4, 6, 6}, {6, 2, 3, 3}, {3, 2, 3, 3}, {false, true, true, true}, {{1, 1}, {1, 1}, {1, 1}, 2, PM::Zeros}},
       {"identity-out-grouped", {2, 4, 6, 6}, {6, 2, 3, 3}, {6, 1, 2, 2}, {true, false, false, false}, {{1, 1}, {0, 0}, {1, 1}, 2, PM::Zeros}},
+      {"pointwise", {2, 6, 5, 5}, {7, 6, 1, 1}, {3, 4, 1, 1}, {}, {{1, 1}, {0, 0}, {1, 1}, 1, PM::Zeros}},
+      {"pointwise-stride-grouped", {2, 6, 7, 6}, {4, 3, 1, 1}, {3, 2, 1, 1}, {}, {{2, 2}, {0, 0}, {1, 1}, 2, PM::Zeros}},
+      {"pointwise-padded-identity-out", {1, 4, 4, 4}, {5, 4, 1, 1}, {5, 3, 1, 1}, {true, false, false, false}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Reflect}},
+      {"pointwise-conv1d", {2, 5, 9}, {3, 5, 1}, {2, 3, 1}, {}, {{2}, {0}, {1}, 1, PM::Zeros}},
       {"conv1d", {2, 3, 11}, {5, 3, 4}, {2, 2, 2}, {}, {{3}, {2}, {2}, 1, PM::Zeros}},
       {"conv3d", {1, 2, 5, 4, 6}, {3, 2, 3, 2, 3}, {2, 2, 2, 1, 2}, {}, {{1, 2, 1}, {1, 0, 1}, {1, 1, 2}, 1, PM::Zeros}},
   };
