@@ -163,7 +163,7 @@ struct State {
 
 struct Optim {
   std::vector<std::pair<std::string, torch::Tensor>> params;
-  std::vector<torch::Tensor> m, v;
+  std::unique_ptr<FlatAdamW> adam;  // the moments; params are views of its flat buffer
 };
 
 std::string fingerprint(const TrainConfig& c) {
@@ -185,8 +185,8 @@ void save_checkpoint(const fs::path& path, const Optim& o, const State& s, const
   std::vector<std::pair<std::string, torch::Tensor>> t;
   for (size_t i = 0; i < o.params.size(); ++i) {
     t.emplace_back("param." + o.params[i].first, o.params[i].second.detach().cpu());
-    t.emplace_back("exp_avg." + o.params[i].first, o.m[i].cpu());
-    t.emplace_back("exp_avg_sq." + o.params[i].first, o.v[i].cpu());
+    t.emplace_back("exp_avg." + o.params[i].first, o.adam->exp_avg(i).cpu());
+    t.emplace_back("exp_avg_sq." + o.params[i].first, o.adam->exp_avg_sq(i).cpu());
   }
   t.emplace_back("rng.cpu", rng.at(0));
   for (size_t r = 1; r < rng.size(); ++r) t.emplace_back("rng.cpu.rank" + std::to_string(r), rng[r]);
@@ -222,8 +222,8 @@ State load_checkpoint(const fs::path& path, Optim& o, const TrainConfig& c, int 
       if (!all.count(prefix + name) || all[prefix + name].sizes() != o.params[i].second.sizes())
         throw Error("checkpoint '" + path.string() + "' lacks or mis-shapes '" + prefix + name + "' (hint: use a new --out)");
     o.params[i].second.copy_(all["param." + name]);
-    o.m[i].copy_(all["exp_avg." + name]);
-    o.v[i].copy_(all["exp_avg_sq." + name]);
+    o.adam->exp_avg(i).copy_(all["exp_avg." + name]);
+    o.adam->exp_avg_sq(i).copy_(all["exp_avg_sq." + name]);
   }
   {
     auto gen = at::detail::getDefaultCPUGenerator();
@@ -456,6 +456,64 @@ void adamw_step(torch::Tensor& p, const torch::Tensor& g, torch::Tensor& m, torc
   p.addcdiv_(m, denom, -lr / bc1);
 }
 
+FlatAdamW::FlatAdamW(std::vector<torch::Tensor> params) : params_(std::move(params)) {
+  torch::NoGradGuard no_grad;
+  bool uniform = !params_.empty();
+  for (const auto& p : params_)
+    uniform = uniform && p.scalar_type() == params_.front().scalar_type() && p.device() == params_.front().device();
+  if (!uniform) {
+    for (const auto& p : params_) m_.push_back(torch::zeros_like(p)), v_.push_back(torch::zeros_like(p));
+    return;
+  }
+  constexpr int64_t kBucketElements = int64_t{1} << 20;
+  for (size_t i = 0; i < params_.size();) {
+    Bucket b;
+    b.begin = i;
+    int64_t total = 0;
+    do offsets_.push_back(total), total += params_[i++].numel();
+    while (i < params_.size() && total + params_[i].numel() <= kBucketElements);
+    b.end = i;
+    const auto opt = params_[b.begin].options();
+    b.p = torch::empty({total}, opt);
+    b.m = torch::zeros({total}, opt);
+    b.v = torch::zeros({total}, opt);
+    for (size_t k = b.begin; k < b.end; ++k) {
+      m_.push_back(b.m.narrow(0, offsets_[k], params_[k].numel()).view(params_[k].sizes()));
+      v_.push_back(b.v.narrow(0, offsets_[k], params_[k].numel()).view(params_[k].sizes()));
+    }
+    rebind(b);  // copies each parameter into its slice and makes it a view of it
+    buckets_.push_back(std::move(b));
+  }
+}
+
+void FlatAdamW::rebind(const Bucket& b) {
+  for (size_t i = b.begin; i < b.end; ++i) {
+    auto& p = params_[i];
+    auto slice = b.p.narrow(0, offsets_[i], p.numel());
+    if (p.data_ptr() == slice.data_ptr() && p.is_contiguous() && p.numel() == slice.numel()) continue;
+    slice.copy_(p.detach().reshape(-1));
+    p.set_data(slice.view(p.sizes()));
+  }
+}
+
+void FlatAdamW::step(const std::vector<torch::Tensor>& grads, int64_t step, double lr, double b1, double b2, double eps,
+                     double wd) {
+  if (grads.size() != params_.size())
+    throw InvalidArgument("FlatAdamW::step: " + std::to_string(grads.size()) + " gradients for " +
+                          std::to_string(params_.size()) + " parameters");
+  if (buckets_.empty()) {
+    for (size_t i = 0; i < params_.size(); ++i) adamw_step(params_[i], grads[i], m_[i], v_[i], step, lr, b1, b2, eps, wd);
+    return;
+  }
+  torch::NoGradGuard no_grad;
+  for (auto& b : buckets_) {
+    rebind(b);
+    std::vector<torch::Tensor> flat;
+    for (size_t i = b.begin; i < b.end; ++i) flat.push_back(grads[i].reshape(-1));
+    adamw_step(b.p, flat.size() == 1 ? flat.front() : torch::cat(flat), b.m, b.v, step, lr, b1, b2, eps, wd);
+  }
+}
+
 EvalResult evaluate(Model& model, const std::string& spec, int64_t image_size, int64_t in_channels, int64_t batch_size,
                     int workers, dist::Group* group) {
   const auto d = load_for(spec, data::Split::Val, image_size, in_channels, workers);
@@ -659,10 +717,10 @@ int run_training(const TrainConfig& c) {
   if (opt.params.empty())
     throw InvalidArgument("nothing to train: method '" + c.method + "' with no adapters, head or train modules (hint: --num-classes K or --train-modules)");
   int64_t trainable = 0;
-  for (auto& [n, p] : opt.params) {
-    opt.m.push_back(torch::zeros_like(p));
-    opt.v.push_back(torch::zeros_like(p));
-    trainable += p.numel();
+  {
+    std::vector<torch::Tensor> tensors;
+    for (auto& [n, p] : opt.params) tensors.push_back(p), trainable += p.numel();
+    opt.adam = std::make_unique<FlatAdamW>(tensors);
   }
   int64_t all = 0;
   for (auto& [n, p] : model->named_parameters()) all += p.numel();
@@ -830,10 +888,8 @@ int run_training(const TrainConfig& c) {
           for (auto& g : grads) g.mul_(c.clip_grad / (norm + 1e-6));
       }
       const double lr = learning_rate(c.schedule, c.lr, st.step, total, c.warmup_steps);
-      for (size_t i = 0; i < opt.params.size(); ++i) {
-        adamw_step(opt.params[i].second, grads[i], opt.m[i], opt.v[i], st.step + 1, lr, 0.9, 0.999, 1e-8, c.weight_decay);
-        opt.params[i].second.mutable_grad() = torch::Tensor();
-      }
+      opt.adam->step(grads, st.step + 1, lr, 0.9, 0.999, 1e-8, c.weight_decay);
+      for (auto& [n, p] : opt.params) p.mutable_grad() = torch::Tensor();
       ++st.step;
       st.batch = micro;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();

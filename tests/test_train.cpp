@@ -31,6 +31,69 @@ TEST(Train, AdamwMatchesLibTorch) {
   EXPECT_LT(max_abs_diff(ref.detach(), mine), 1e-12);
 }
 
+TEST(Train, FlatAdamwEqualsPerTensorStepsAndUpdatesTheModulesOwnParameters) {
+  torch::manual_seed(0);
+  torch::nn::Linear lin(4, 3);
+  torch::nn::Conv2d conv(torch::nn::Conv2dOptions(2, 5, 3));
+  std::vector<torch::Tensor> params{lin->weight, lin->bias, conv->weight, conv->bias};
+  std::vector<torch::Tensor> ref, m, v;
+  for (auto& p : params) ref.push_back(p.detach().clone()), m.push_back(torch::zeros_like(p)), v.push_back(torch::zeros_like(p));
+  flora::train::FlatAdamW adam(params);
+  // LibTorch's own AdamW on copies: an independent reference for the arithmetic.
+  std::vector<torch::Tensor> torch_ref;
+  for (auto& p : params) torch_ref.push_back(p.detach().clone().requires_grad_(true));
+  torch::optim::AdamW opt(torch_ref, torch::optim::AdamWOptions(0.01).weight_decay(0.1).betas({0.9, 0.999}).eps(1e-8));
+  for (int step = 1; step <= 6; ++step) {
+    std::vector<torch::Tensor> grads;
+    for (auto& p : params) grads.push_back(torch::randn(p.sizes()));
+    grads[2] = torch::randn({3, 3, 2, 5}).permute({3, 2, 0, 1});  // a non-contiguous gradient
+    if (step == 4) {  // data replaced, not copied into: found and bound again, keeping the new value
+      torch::NoGradGuard g;
+      lin->weight.set_data(torch::full({3, 4}, 0.5));
+      ref[0] = torch::full({3, 4}, 0.5);
+      torch_ref[0].detach().fill_(0.5);
+    }
+    adam.step(grads, step, 0.01, 0.9, 0.999, 1e-8, 0.1);
+    for (size_t i = 0; i < params.size(); ++i) {
+      flora::train::adamw_step(ref[i], grads[i], m[i], v[i], step, 0.01, 0.9, 0.999, 1e-8, 0.1);
+      torch_ref[i].mutable_grad() = grads[i].contiguous();
+    }
+    opt.step();
+  }
+  const torch::Tensor now[] = {lin->weight, lin->bias, conv->weight, conv->bias};  // read through the modules
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_TRUE(torch::equal(now[i].detach(), ref[i])) << "tensor " << i << " differs from per-tensor steps by "
+                                                       << max_abs_diff(now[i].detach(), ref[i]);
+    EXPECT_LT(max_abs_diff(now[i].detach(), torch_ref[i].detach()), 1e-6) << "tensor " << i;
+    EXPECT_TRUE(torch::equal(adam.exp_avg(i), m[i])) << i;
+    EXPECT_TRUE(torch::equal(adam.exp_avg_sq(i), v[i])) << i;
+  }
+  // Several buckets (about 1M elements each): 700k | 600k + 10, the last two sharing one.
+  std::vector<torch::Tensor> big{torch::randn({700000}), torch::randn({600, 1000}), torch::randn({10})};
+  std::vector<torch::Tensor> big_ref, big_m, big_v;
+  for (auto& p : big) big_ref.push_back(p.clone()), big_m.push_back(torch::zeros_like(p)), big_v.push_back(torch::zeros_like(p));
+  flora::train::FlatAdamW bucketed(big);
+  for (int step = 1; step <= 2; ++step) {
+    std::vector<torch::Tensor> grads;
+    for (auto& p : big) grads.push_back(torch::randn(p.sizes()));
+    bucketed.step(grads, step, 0.01, 0.9, 0.999, 1e-8, 0.1);
+    for (size_t i = 0; i < big.size(); ++i)
+      flora::train::adamw_step(big_ref[i], grads[i], big_m[i], big_v[i], step, 0.01, 0.9, 0.999, 1e-8, 0.1);
+  }
+  for (size_t i = 0; i < big.size(); ++i) EXPECT_TRUE(torch::equal(big[i], big_ref[i])) << "bucketed tensor " << i;
+  EXPECT_EQ(big[1].data_ptr<float>(), big[2].data_ptr<float>() - 600000) << "600k and 10 share a bucket";
+  // Mixed dtypes: stepped one by one, same arithmetic.
+  auto a = torch::randn({3}), b = torch::randn({2}, torch::kFloat64);
+  auto a0 = a.clone(), b0 = b.clone(), ma = torch::zeros({3}), va = torch::zeros({3});
+  flora::train::FlatAdamW mixed({a, b});
+  const auto ga = torch::randn({3}), gb = torch::randn({2}, torch::kFloat64);
+  mixed.step({ga, gb}, 1, 0.1, 0.9, 0.999, 1e-8, 0.0);
+  flora::train::adamw_step(a0, ga, ma, va, 1, 0.1, 0.9, 0.999, 1e-8, 0.0);
+  EXPECT_TRUE(torch::equal(a, a0));
+  EXPECT_FALSE(torch::equal(b, b0));  // it moved
+  EXPECT_THROW(mixed.step({ga}, 2, 0.1, 0.9, 0.999, 1e-8, 0.0), flora::InvalidArgument);
+}
+
 struct LrRow {
   const char* schedule;
   int64_t step, total, warmup;

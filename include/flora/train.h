@@ -90,6 +90,37 @@ double learning_rate(const std::string& schedule, double base, int64_t step, int
 void adamw_step(torch::Tensor& param, const torch::Tensor& grad, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
                 int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay);
 
+/// AdamW over many tensors at once, with adamw_step's arithmetic. Consecutive parameters are
+/// packed into buckets of about 1M elements; each bucket's parameters, exp_avg and exp_avg_sq
+/// live in three flat buffers and each parameter becomes a view of its slice (Tensor::set_data),
+/// so a step costs about ten ops per bucket instead of per tensor (stepping FLoRA's five tensors
+/// per layer one by one cost ResNet-18 about 8 ms per step), and the temporaries of a step are
+/// one bucket large. Element for element the result equals adamw_step's. Tensors of mixed dtype
+/// or device are stepped one by one instead. A parameter whose data is replaced after
+/// construction (not copied into) is found at the next step and bound to its slice again,
+/// keeping its new value.
+class FlatAdamW {
+ public:
+  explicit FlatAdamW(std::vector<torch::Tensor> params);
+  /// One step; `grads[i]` has params[i]'s shape (any layout).
+  void step(const std::vector<torch::Tensor>& grads, int64_t step, double lr, double beta1, double beta2, double eps,
+            double weight_decay);
+  /// Views of the moments of parameter i (copy_ into them to restore a checkpoint).
+  const torch::Tensor& exp_avg(size_t i) const { return m_.at(i); }
+  const torch::Tensor& exp_avg_sq(size_t i) const { return v_.at(i); }
+  size_t size() const { return params_.size(); }
+
+ private:
+  struct Bucket {
+    size_t begin = 0, end = 0;          // parameter indices [begin, end)
+    torch::Tensor p, m, v;              // flat buffers
+  };
+  void rebind(const Bucket& b);
+  std::vector<torch::Tensor> params_, m_, v_;
+  std::vector<int64_t> offsets_;        // each parameter's offset in its bucket
+  std::vector<Bucket> buckets_;         // empty when stepped one by one
+};
+
 struct EvalResult {
   double loss = 0, top1 = 0;
   int64_t samples = 0;

@@ -6,6 +6,7 @@
 // the floor any adapter method pays (the gradient has to travel back to the first adapter).
 // `--mode infer` times an eval-mode forward without gradients, adapters merged first: a merged
 // model must run exactly as fast as the base.
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
 #include <CLI/CLI.hpp>
@@ -15,6 +16,7 @@
 #include <chrono>
 #include <cstdio>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -36,6 +38,7 @@ struct StepArgs {
   int64_t rank = 8, batch_size = 16, image_size = 64, steps = 10, warmup = 2, num_classes = 0;
   double scale = 4.0, alpha = 16.0;
   bool json = false;
+  std::string profile;  ///< Chrome trace of the timed steps (LibTorch's autograd profiler)
 };
 
 // Resident memory of this process from /proc/self/status (VmRSS now, VmHWM the peak), in MB.
@@ -76,10 +79,12 @@ int run_step(const StepArgs& a) {
   if (!a.weights.empty()) model->load_state(io::SafetensorsFile(a.weights).load_all(), /*strict=*/true);
   const auto report = train::prepare_model(*model, c);
   std::vector<std::pair<std::string, torch::Tensor>> params;
-  std::vector<torch::Tensor> m, v;
+  std::unique_ptr<train::FlatAdamW> adam;  // as flora train steps
   if (a.mode == "train") {
     params = model->trainable_parameters();
-    for (auto& [n, p] : params) m.push_back(torch::zeros_like(p)), v.push_back(torch::zeros_like(p));
+    std::vector<torch::Tensor> tensors;
+    for (auto& [n, p] : params) tensors.push_back(p);
+    if (!tensors.empty()) adam = std::make_unique<train::FlatAdamW>(tensors);
   } else if (a.method == "flora" || a.method == "lora") {
     model->merge();
   }
@@ -98,7 +103,11 @@ int run_step(const StepArgs& a) {
   const double base_rss = proc_status_mb("VmRSS");
 
   std::vector<double> times, cpu_times;
+  std::unique_ptr<torch::autograd::profiler::RecordProfile> profiler;
+  const std::string trace_tmp = a.profile + ".tmp";
   for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
+    if (s == a.warmup && !a.profile.empty())
+      profiler = std::make_unique<torch::autograd::profiler::RecordProfile>(trace_tmp);
     const auto t0 = std::chrono::steady_clock::now();
     const std::clock_t c0 = std::clock();
     if (a.mode == "infer") {
@@ -108,16 +117,21 @@ int run_step(const StepArgs& a) {
       auto input = a.method == "frozen" ? x.detach().requires_grad_(true) : x;
       auto loss = torch::nn::functional::cross_entropy(model->forward(input), y);
       loss.backward();
-      for (size_t i = 0; i < params.size(); ++i) {
-        auto& p = params[i].second;
-        if (!p.grad().defined()) continue;
-        train::adamw_step(p, p.grad(), m[i], v[i], s + 1, 1e-4, 0.9, 0.999, 1e-8, 0.01);
-        p.mutable_grad() = torch::Tensor();
+      if (adam) {
+        std::vector<torch::Tensor> grads;
+        for (auto& [n, p] : params) grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
+        adam->step(grads, s + 1, 1e-4, 0.9, 0.999, 1e-8, 0.01);
+        for (auto& [n, p] : params) p.mutable_grad() = torch::Tensor();
       }
     }
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double cpu = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
     if (s >= a.warmup) times.push_back(dt), cpu_times.push_back(cpu);
+  }
+
+  if (profiler) {
+    profiler.reset();  // writes the trace
+    std::filesystem::rename(trace_tmp, a.profile);
   }
 
   std::map<std::string, int64_t> paths;
@@ -195,6 +209,8 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
   c->add_option("--image-size", a->image_size, "Image size (PX x PX, 3 channels)")->capture_default_str()->check(CLI::PositiveNumber);
   c->add_option("--steps", a->steps, "Timed steps")->capture_default_str()->check(CLI::PositiveNumber);
   c->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
+  c->add_option("--profile", a->profile, "Write a Chrome trace (chrome://tracing) of the timed steps, every LibTorch op "
+                 "with its time; the profiler slows the steps it records");
   c->add_flag("--json", a->json, "Print one JSON object (median_step_s, peak_rss_mb, conv paths per layer, ...)");
   c->callback([a, &run] { run = [a] { return run_step(*a); }; });
   add_study(*bench, run);
