@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The step-time and memory table of docs/PERFORMANCE.md: `flora bench step` for every model and
 method, interleaved over rounds so that drifts in the machine's speed hit every method alike, and
-reported as ratios to the frozen step measured in the same run.
+reported as ratios to the frozen step measured in the same round (the median over rounds).
 
     /usr/bin/python3 bench/step_table.py [--models resnet18,resnet50,convnext_tiny,vit_s_16]
                                          [--rounds 2] [--steps 10] [--flora build/bin/flora]
@@ -74,8 +74,11 @@ def main():
         for name, rs in runs.items():
             t = statistics.median(x["median_step_s"] for x in rs)
             m = statistics.median(x["peak_rss_mb"] for x in rs)
+            # the time ratio is the median over rounds of (this round's step / this round's frozen
+            # step): a slow spell of the machine that spans a round cancels out
+            ratio = statistics.median(x["median_step_s"] / f["median_step_s"] for x, f in zip(rs, runs["frozen"]))
             paths = ", ".join(f"{n} {p}" for p, n in sorted(rs[0]["conv_paths"].items())) or "-"
-            print(f"| {arch} | {name} | {rs[0]['trainable']:,} | {t:.4f} | {t / f_t:.2f} | {m:.0f} | {m / f_m:.2f} | {paths} |")
+            print(f"| {arch} | {name} | {rs[0]['trainable']:,} | {t:.4f} | {ratio:.2f} | {m:.0f} | {m / f_m:.2f} | {paths} |")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -64,6 +64,11 @@ Tensor mode_product(const Tensor& t, const Tensor& u, int64_t mode) {
   for (int64_t i = mode + 1; i < t.dim(); ++i) Q *= sizes[i];
   auto shape = sizes.vec();
   shape[mode] = u.size(0);
+  if (r == 1) {  // rank 1 (a 1x1 kernel's spatial factors, a depthwise conv's U_in): a broadcast
+    std::vector<int64_t> ushape(sizes.size(), 1);  // multiply, one op instead of a GEMM's several
+    ushape[mode] = u.size(0);
+    return t * u.reshape(ushape);
+  }
   if (P == 1) return u.matmul(t.reshape({r, Q})).view(shape);
   if (Q == 1) return t.reshape({P, r}).matmul(u.t()).view(shape);
   return at::matmul(u, t.reshape({P, r, Q})).view(shape);

@@ -39,21 +39,22 @@ Tensor einsum_delta(const Tensor& core, const std::vector<Tensor>& factors, doub
 }
 
 TEST(ModeProduct, MatchesUnfoldingDefinition) {
-  // (T x_n U)_(n) = U T_(n), with T_(n) the mode-n unfolding.
-  auto t = torch::randn({3, 4, 5}, kF64);
+  // (T x_n U)_(n) = U T_(n), with T_(n) the mode-n unfolding. The rank-1 shapes (size 1 in mode
+  // n) take mode_product's broadcast branch, the others its GEMMs.
+  for (const auto& t : {torch::randn({3, 4, 5}, kF64), torch::randn({1, 4, 1}, kF64), torch::randn({2, 1, 3}, kF64)})
   for (int64_t n = 0; n < 3; ++n) {
-    auto u = torch::randn({7, t.size(n)}, kF64);
+    for (int64_t rows : {int64_t{7}, int64_t{1}}) {
+    auto u = torch::randn({rows, t.size(n)}, kF64);
     auto unfold = t.movedim(n, 0).reshape({t.size(n), -1});
-    auto expected_shape = t.sizes().vec();
-    expected_shape[n] = 7;
-    auto moved = expected_shape;
-    std::swap(moved[0], moved[n]);
     // Build the expected tensor by folding U T_(n) back.
-    std::vector<int64_t> folded_shape{7};
+    std::vector<int64_t> folded_shape{rows};
     for (int64_t m = 0; m < 3; ++m)
       if (m != n) folded_shape.push_back(t.size(m));
     auto expected = u.matmul(unfold).reshape(folded_shape).movedim(0, n);
-    EXPECT_LT(max_abs_diff(F::mode_product(t, u, n), expected), 1e-12) << "mode " << n;
+    const auto got = F::mode_product(t, u, n);
+    EXPECT_EQ(got.sizes(), expected.sizes()) << "mode " << n << " of " << t.sizes();
+    EXPECT_LT(max_abs_diff(got, expected), 1e-12) << "mode " << n << " of " << t.sizes();
+    }
   }
 }
 
