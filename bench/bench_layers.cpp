@@ -36,6 +36,8 @@ struct ConvShape {
   int64_t channels, pixels;
 };
 const ConvShape kConvShapes[] = {{64, 56}, {128, 28}, {256, 14}, {512, 7}};
+// ResNet-18's 3x3 convs at 64x64 images (the whole-model table's size, `flora bench step`).
+const ConvShape kSmallConvShapes[] = {{64, 16}, {128, 8}, {256, 4}, {512, 2}};
 // ConvNeXt-tiny's depthwise 7x7 convs at 64x64 images (stages 1-4).
 const ConvShape kDepthwiseShapes[] = {{96, 16}, {192, 8}, {384, 4}, {768, 2}};
 const int64_t kBatch = 16;
@@ -93,15 +95,22 @@ auto training_step(Layer& layer, const torch::Tensor& x, const torch::Tensor& gy
   };
 }
 
-void conv_step(benchmark::State& state, ConvShape s, Variant v, bool depthwise) {
+// channels_last: input, output gradient and both layers' weights in NHWC (torch.channels_last),
+// for the frozen layer as for the adapted one.
+void conv_step(benchmark::State& state, ConvShape s, Variant v, bool depthwise, bool channels_last) {
   torch::manual_seed(0);
   auto opt = depthwise ? torch::nn::Conv2dOptions(s.channels, s.channels, 7).padding(3).groups(s.channels)
                        : torch::nn::Conv2dOptions(s.channels, s.channels, 3).padding(1).bias(false);
   flora::nn::Conv2d conv(opt), frozen(opt);
+  const auto format = channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+  for (auto* layer : {conv.get(), frozen.get()}) {
+    torch::NoGradGuard g;
+    layer->weight.set_data(layer->weight.contiguous(format));
+  }
   prepare(*conv, v, {16, depthwise ? 1 : 16, 2, 2});
   prepare(*frozen, Variant::Frozen, {});
-  auto x = torch::randn({kBatch, s.channels, s.pixels, s.pixels}).requires_grad_(true);
-  auto gy = torch::randn({kBatch, s.channels, s.pixels, s.pixels});
+  auto x = torch::randn({kBatch, s.channels, s.pixels, s.pixels}).contiguous(format).requires_grad_(true);
+  auto gy = torch::randn({kBatch, s.channels, s.pixels, s.pixels}).contiguous(format);
   interleaved(state, training_step(conv, x, gy), training_step(frozen, x, gy));
   if (v == Variant::FloraAuto) state.SetLabel(flora::to_string(conv->last_path()));
 }
@@ -165,13 +174,21 @@ int main(int argc, char** argv) {
                          Variant::Lora, Variant::Full};
   for (const auto& s : kConvShapes)
     for (auto v : all) {
+      for (bool cl : {false, true}) {
+        const std::string name = "conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16" +
+                                 (cl ? "_nhwc/" : "/") + variant_name(v);
+        benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, false, cl)->Unit(benchmark::kMillisecond)->UseManualTime();
+      }
+    }
+  for (const auto& s : kSmallConvShapes)
+    for (auto v : all) {
       const std::string name = "conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16/" + variant_name(v);
-      benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, false)->Unit(benchmark::kMillisecond)->UseManualTime();
+      benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, false, false)->Unit(benchmark::kMillisecond)->UseManualTime();
     }
   for (const auto& s : kDepthwiseShapes)
     for (auto v : {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraSeparable, Variant::Lora}) {
       const std::string name = "dw7x7_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16/" + variant_name(v);
-      benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, true)->Unit(benchmark::kMillisecond)->UseManualTime();
+      benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, true, false)->Unit(benchmark::kMillisecond)->UseManualTime();
     }
   for (int64_t f : {768, 2048})
     for (auto v : {Variant::FloraAuto, Variant::Lora, Variant::Full}) {
