@@ -191,24 +191,29 @@ bool fast_depthwise(const Tensor& x, const Tensor& weight, const ConvGeometry& g
 
 }  // namespace
 
+namespace {
+
+// A non-zero padding mode as torch.nn.ConvNd applies it: x padded explicitly (last dim first),
+// and `pad` (the conv's own padding, in: geo.padding) set to 0. Zeros mode: x and pad unchanged.
+Tensor pad_explicitly(const Tensor& x, const ConvGeometry& geo, std::vector<int64_t>& pad) {
+  pad = geo.padding;
+  const bool any_pad = std::any_of(pad.begin(), pad.end(), [](int64_t p) { return p != 0; });
+  if (geo.padding_mode == PaddingMode::Zeros || !any_pad) return x;
+  std::vector<int64_t> rev;
+  for (int64_t i = geo.dims() - 1; i >= 0; --i) {
+    rev.push_back(pad[i]);
+    rev.push_back(pad[i]);
+  }
+  std::fill(pad.begin(), pad.end(), 0);
+  return at::pad(x, rev, to_string(geo.padding_mode));
+}
+
+}  // namespace
+
 Tensor conv_nd(const Tensor& x, const Tensor& weight, const Tensor& bias, const ConvGeometry& geo) {
   const int64_t d = geo.dims();
-  Tensor in = x;
-  std::vector<int64_t> pad = geo.padding;
-  const bool any_pad = std::any_of(pad.begin(), pad.end(), [](int64_t p) { return p != 0; });
-  if (geo.padding_mode != PaddingMode::Zeros && any_pad) {
-    // Same as torch.nn.ConvNd: pad explicitly (last dim first), then convolve unpadded.
-    std::vector<int64_t> rev;
-    for (int64_t i = d - 1; i >= 0; --i) {
-      rev.push_back(pad[i]);
-      rev.push_back(pad[i]);
-    }
-    const char* mode = geo.padding_mode == PaddingMode::Reflect     ? "reflect"
-                       : geo.padding_mode == PaddingMode::Replicate ? "replicate"
-                                                                    : "circular";
-    in = at::pad(x, rev, mode);
-    std::fill(pad.begin(), pad.end(), 0);
-  }
+  std::vector<int64_t> pad;
+  const Tensor in = pad_explicitly(x, geo, pad);
   if (fast_depthwise(in, weight, geo)) {
     ConvGeometry g = geo;
     g.padding = pad;
@@ -403,15 +408,8 @@ Tensor separable_branch(const Tensor& x, const Tensor& core, const std::vector<T
     return factors[n].defined() ? factors[n] : at::eye(shape[n], core.options());
   };
 
-  Tensor in = x;
-  std::vector<int64_t> pad = geo.padding;
-  if (geo.padding_mode != PaddingMode::Zeros && (pad[0] != 0 || pad[1] != 0)) {
-    const char* mode = geo.padding_mode == PaddingMode::Reflect     ? "reflect"
-                       : geo.padding_mode == PaddingMode::Replicate ? "replicate"
-                                                                    : "circular";
-    in = at::pad(x, {pad[1], pad[1], pad[0], pad[0]}, mode);
-    pad = {0, 0};
-  }
+  std::vector<int64_t> pad;
+  const Tensor in = pad_explicitly(x, geo, pad);
   const int64_t H = in.size(2), W = in.size(3);
   const Tensor t2 = band_matrix(spatial(2), H, geo.stride[0], pad[0], geo.dilation[0]);  // [Ho, H, r2]
   const Tensor t3 = band_matrix(spatial(3), W, geo.stride[1], pad[1], geo.dilation[1]);  // [Wo, W, r3]

@@ -405,7 +405,7 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
     for (const auto& c : plan.configs)
       if (static_cast<int64_t>(seed) < c.seeds) planned.push_back({&c, seed});
   std::map<std::string, Result> results;
-  std::vector<std::pair<size_t, train::TrainConfig>> todo;
+  std::vector<std::pair<size_t, train::TrainConfig>> pending;
   size_t reused = 0, ran = 0;
   for (size_t i = 0; i < planned.size(); ++i) {
     const auto& pl = planned[i];
@@ -415,7 +415,7 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
     Result res;
     if (!(a.fresh && do_accuracy)) res = read_result(runs_dir / (pl.name() + ".json"), c.to_yaml(), base_id);
     if (res.present) ++reused;
-    else if (do_accuracy) todo.emplace_back(i, c);
+    else if (do_accuracy) pending.emplace_back(i, c);
     results[pl.name()] = res;
   }
   // Independent single-threaded children, `jobs` at a time: deterministic (a run's numbers depend
@@ -427,7 +427,7 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
   std::string failure;
   double train_s = 0;
   fs::create_directories(tmp / "runs");
-  for (auto& [i, c] : todo) count_parameters(c, results[planned[i].name()].r);
+  for (auto& [i, c] : pending) count_parameters(c, results[planned[i].name()].r);
   // The first failure stops the others and is what the study reports (call with `mu` held).
   auto record_failure = [&](int code, const std::string& why) {
     stop = true;
@@ -435,8 +435,8 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
     if (code != 130 && failure.empty()) failure = why;
   };
   auto worker = [&] {
-    for (size_t k; !stop && (k = next.fetch_add(1)) < todo.size();) {
-      const auto& [i, c] = todo[k];
+    for (size_t k; !stop && (k = next.fetch_add(1)) < pending.size();) {
+      const auto& [i, c] = pending[k];
       const auto& pl = planned[i];
       RunResult r;
       {
@@ -466,15 +466,15 @@ int run_study(const StudyArgs& a, const std::string& command_line) {
         record_failure(1, "study: cannot save run '" + pl.name() + "': " + e.what());
         continue;
       }
-      std::printf("[%zu/%zu] %-22s %-9s seed %llu: top-1 %5.1f %%  (%s params, %.0f s)\n", ++done, todo.size(),
+      std::printf("[%zu/%zu] %-22s %-9s seed %llu: top-1 %5.1f %%  (%s params, %.0f s)\n", ++done, pending.size(),
                   pl.config->label.c_str(), pl.config->target.c_str(), (unsigned long long)pl.seed, r.top1,
                   format_count(r.trainable).c_str(), r.wall_s);
       std::fflush(stdout);
     }
   };
-  if (!todo.empty()) {
+  if (!pending.empty()) {
     const int jobs = static_cast<int>(std::max<int64_t>(1, a.jobs > 0 ? a.jobs : std::thread::hardware_concurrency() / a.threads_per_run));
-    std::printf("%zu runs to do (%zu reused), %d at a time, %d thread(s) each\n", todo.size(), reused, jobs, a.threads_per_run);
+    std::printf("%zu runs to do (%zu reused), %d at a time, %d thread(s) each\n", pending.size(), reused, jobs, a.threads_per_run);
     std::fflush(stdout);
     std::vector<std::thread> pool;
     for (int j = 0; j < jobs; ++j) pool.emplace_back(worker);
