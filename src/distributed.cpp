@@ -11,6 +11,7 @@
 #endif
 #include <torch/torch.h>
 
+#include <csignal>
 #include <chrono>
 #include <cstdlib>
 
@@ -116,6 +117,10 @@ std::unique_ptr<Group> Group::connect(const Launch& l, double timeout_s, const s
   impl->backend = backend;
   impl->timeout_s = timeout_s;
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+  // A peer that dies leaves its sockets closed; Gloo's next write to one raises SIGPIPE, whose
+  // default action kills this process before the collective can fail with a message (Python
+  // ignores SIGPIPE, so torch.distributed never sees this). Ignored, the write fails with EPIPE.
+  std::signal(SIGPIPE, SIG_IGN);
   const std::string where = l.master_addr + ":" + std::to_string(l.master_port);
   try {
     c10d::TCPStoreOptions so;
