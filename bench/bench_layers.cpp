@@ -170,6 +170,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
 
 int main(int argc, char** argv) {
   flora::configure_threads();
+  flora::configure_allocator();  // as the flora command does (FLORA_MALLOC_TUNING=0 to compare without)
   const Variant all[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized,
                          Variant::Lora, Variant::Full};
   for (const auto& s : kConvShapes)

@@ -1,10 +1,21 @@
 #include "flora/runtime.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <new>
 #include <string>
 #include <thread>
+#include <unordered_map>
+#include <vector>
 
 #include "flora/spec.h"
 
@@ -26,6 +37,172 @@ int configure_threads(int requested) {
   if (n <= 0) n = 1;
   at::set_num_threads(n);
   return n;
+}
+
+namespace {
+
+// Freed CPU blocks of 1 MiB and more, kept by rounded size for the next tensor of that size.
+// Blocks are anonymous mappings (page-aligned, so LibTorch's 64-byte alignment holds); the
+// deleter of every tensor it hands out, large or small, is release(): small ones came from
+// c10::alloc_cpu and go back to c10::free_cpu, so raw_allocate/raw_deallocate work too.
+class BlockCache final : public c10::Allocator {
+ public:
+  static constexpr std::size_t kGranule = std::size_t(1) << 20;
+
+  c10::DataPtr allocate(std::size_t n) const override {
+    if (n < kGranule) {
+      void* p = c10::alloc_cpu(n);
+      return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+    }
+    const std::size_t size = (n + kGranule - 1) / kGranule * kGranule;
+    void* p = take(size);
+    if (p == nullptr) {
+      p = map(size);
+      if (p == nullptr) {  // out of address space or memory: give the cache back and retry once
+        trim(0);
+        p = map(size);
+      }
+      if (p == nullptr)
+        throw std::bad_alloc();
+      std::lock_guard<std::mutex> lock(mu_);
+      live_[p] = size;
+      live_bytes_ += size;
+    }
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  // PyTorch >= 2.3 declares this pure virtual; before, it is simply an extra member.
+  void copy_data(void* dest, const void* src, std::size_t count) const { std::memcpy(dest, src, count); }
+
+  std::size_t empty() const {
+    const std::size_t before = stats().cached_bytes;
+    trim(0);
+    return before;
+  }
+  void set_limit(std::size_t bytes) {
+    { std::lock_guard<std::mutex> lock(mu_); limit_ = bytes; }
+    trim(bytes);
+  }
+  CpuCacheStats stats() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    CpuCacheStats s;
+    s.live_bytes = live_bytes_;
+    s.cached_bytes = cached_bytes_;
+    s.limit_bytes = limit_;
+    s.hits = hits_;
+    s.misses = misses_;
+    s.released = released_;
+    return s;
+  }
+
+ private:
+  static void release(void* p);
+
+  // A cached block of `size` to 2 `size` bytes, or nullptr after trimming the cache down to its limit
+  // (a miss will map a new block).
+  void* take(std::size_t size) const {
+    std::vector<std::pair<void*, std::size_t>> drop;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // Best fit up to twice the size: a cached block is already resident, a new one is not,
+      // so even a larger block costs less memory than mapping afresh.
+      auto it = free_.lower_bound(size);
+      if (it != free_.end() && it->first <= 2 * size) {
+        const std::size_t have = it->first;
+        p = it->second;
+        free_.erase(it);
+        cached_bytes_ -= have;
+        live_[p] = have;
+        live_bytes_ += have;
+        ++hits_;
+        return p;
+      }
+      ++misses_;
+      collect(limit_ > size ? limit_ - size : 0, drop);
+    }
+    for (const auto& [q, s] : drop) ::munmap(q, s);
+    return nullptr;
+  }
+  void trim(std::size_t bytes) const {
+    std::vector<std::pair<void*, std::size_t>> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      collect(bytes, drop);
+    }
+    for (const auto& [q, s] : drop) ::munmap(q, s);
+  }
+  // Under mu_: removes cached blocks, largest first, until at most `bytes` stay cached.
+  void collect(std::size_t bytes, std::vector<std::pair<void*, std::size_t>>& drop) const {
+    while (cached_bytes_ > bytes && !free_.empty()) {
+      auto last = std::prev(free_.end());
+      drop.emplace_back(last->second, last->first);
+      cached_bytes_ -= last->first;
+      ++released_;
+      free_.erase(last);
+    }
+  }
+  static void* map(std::size_t size) {
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? nullptr : p;
+  }
+  // Returns true if `p` was one of ours (now cached), false for a small block.
+  bool put_back(void* p) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(p);
+    if (it == live_.end()) return false;
+    const std::size_t size = it->second;
+    live_.erase(it);
+    live_bytes_ -= size;
+    free_.emplace(size, p);
+    cached_bytes_ += size;
+    return true;
+  }
+
+  mutable std::mutex mu_;
+  mutable std::unordered_map<void*, std::size_t> live_;
+  mutable std::multimap<std::size_t, void*> free_;
+  mutable std::size_t live_bytes_ = 0, cached_bytes_ = 0, limit_ = 0;
+  mutable std::size_t hits_ = 0, misses_ = 0, released_ = 0;
+};
+
+// Never destroyed: tensors freed during static destruction still call release().
+BlockCache* const g_cache = new BlockCache();
+
+void BlockCache::release(void* p) {
+  if (p != nullptr && !g_cache->put_back(p)) c10::free_cpu(p);
+}
+
+}  // namespace
+
+bool configure_allocator(long limit_mb) {
+  if (limit_mb < 0) {
+    if (const char* env = std::getenv("FLORA_CPU_CACHE_MB"); env && *env) {
+      char* end = nullptr;
+      const long v = std::strtol(env, &end, 10);
+      if (*end != '\0' || v < 0)
+        throw InvalidArgument(std::string("FLORA_CPU_CACHE_MB='") + env +
+                              "' is not a non-negative integer (hint: 0 turns the CPU block cache off, e.g. 4096 keeps up to 4 GB)");
+      limit_mb = v;
+    } else {
+      const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+      limit_mb = pages > 0 && page > 0 ? static_cast<long>(static_cast<double>(pages) * page / 2 / (1 << 20)) : 1024;
+    }
+  }
+  const bool installed = c10::GetCPUAllocator() == g_cache;
+  if (limit_mb == 0 && !installed) return false;
+  g_cache->set_limit(static_cast<std::size_t>(limit_mb) << 20);
+  if (!installed) {
+    c10::SetCPUAllocator(g_cache, /*priority=*/1);
+    c10::SetAllocator(c10::DeviceType::CPU, g_cache, /*priority=*/1);
+  }
+  return c10::GetCPUAllocator() == g_cache;
+}
+
+std::size_t empty_cpu_cache() { return c10::GetCPUAllocator() == g_cache ? g_cache->empty() : 0; }
+
+CpuCacheStats cpu_cache_stats() {
+  return c10::GetCPUAllocator() == g_cache ? g_cache->stats() : CpuCacheStats{};
 }
 
 std::string version() { return "0.1.0"; }

@@ -26,6 +26,7 @@
 #include "flora/layers.h"
 #include "flora/model.h"
 #include "flora/procedural.h"
+#include "flora/runtime.h"
 
 namespace flora {
 namespace train {
@@ -816,6 +817,7 @@ int run_training(const TrainConfig& c) {
   auto evaluate_now = [&](int64_t epoch) {
     sync_buffers();
     if (c.val_data.empty()) return;
+    empty_cpu_cache();  // evaluation's tensor sizes are not training's: start it without their blocks
     const auto r = evaluate(*model, c.val_data, c.image_size, c.in_channels, c.batch_size, c.workers, group.get());
     if (lead) {
       append_line(out / "metrics.jsonl", {{"type", "eval"}, {"step", st.step}, {"epoch", epoch + 1}, {"eval_loss", r.loss},
@@ -842,6 +844,7 @@ int run_training(const TrainConfig& c) {
   for (int64_t epoch = st.epoch; epoch < epochs && st.step < total; ++epoch) {
     data::Loader loader(train_data, lo, epoch, epoch == st.epoch ? st.batch : 0);
     model->train(true, c.update_batchnorm);
+    empty_cpu_cache();  // nor setup's or evaluation's blocks: the peak is the training step's
     torch::Tensor x, y;
     int64_t micro = epoch == st.epoch ? st.batch : 0;
     while (st.step < total && loader.next(x, y)) {

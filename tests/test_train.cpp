@@ -4,17 +4,85 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <sys/resource.h>
+
 #include <cmath>
+#include <cstdlib>
 #include <set>
 
 #include "flora/data.h"
 #include "flora/model.h"
 #include "flora/procedural.h"
+#include "flora/runtime.h"
 #include "flora/spec.h"
 #include "flora/train.h"
 #include "helpers.h"
 
 using flora_test::max_abs_diff;
+
+namespace {
+long minor_page_faults() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
+}
+// Minor page faults of three training-step-like rounds (two 48 MB activations allocated and
+// written, their sum, all freed), after one warm-up round. 48 MB is above glibc's largest adaptive
+// mmap threshold (32 MB), so without the cache each round maps fresh pages and faults on each.
+long faults_of_three_rounds() {
+  auto round = [] {
+    auto a = torch::empty({12 << 20}).fill_(1.0f), b = torch::empty({12 << 20}).fill_(2.0f);
+    return (a + b).sum().item<float>();
+  };
+  round();
+  const long before = minor_page_faults();
+  for (int i = 0; i < 3; ++i) round();
+  return minor_page_faults() - before;
+}
+}  // namespace
+
+// The CPU block cache, against the page faults it exists to remove and its own counters. Once
+// installed it stays LibTorch's CPU allocator for the rest of this process: every later test
+// runs on it.
+TEST(Runtime, CpuBlockCacheReusesFreedBlocksAndTrimsToItsLimit) {
+  setenv("FLORA_CPU_CACHE_MB", "x", 1);
+  EXPECT_THROW(flora::configure_allocator(), flora::InvalidArgument);
+  unsetenv("FLORA_CPU_CACHE_MB");
+  const bool was_installed = flora::cpu_cache_stats().limit_bytes > 0;
+  if (!was_installed) {
+    EXPECT_FALSE(flora::configure_allocator(0)) << "a limit of 0 does not install it";
+    const long pages = 3 * 3 * (48 << 20) / 4096;
+    EXPECT_GT(faults_of_three_rounds(), pages / 2) << "the premise: without the cache, every round faults";
+  }
+  ASSERT_TRUE(flora::configure_allocator(1024));
+  const long pages = 3 * 3 * (48 << 20) / 4096;
+  EXPECT_LT(faults_of_three_rounds(), pages / 20) << "freed blocks should be reused without faulting again";
+
+  // A block is handed out again for the same rounded size; a small tensor never enters the cache.
+  const auto s0 = flora::cpu_cache_stats();
+  { auto t = torch::ones({3 << 18}); EXPECT_EQ(t.sum().item<float>(), float(3 << 18)); }  // 3 MiB
+  const auto s1 = flora::cpu_cache_stats();
+  { auto t = torch::zeros({(3 << 18) - 100}); EXPECT_EQ(t.sum().item<float>(), 0.0f); }  // the same 3 MiB block, zeroed
+  const auto s2 = flora::cpu_cache_stats();
+  EXPECT_EQ(s2.hits, s1.hits + 1);
+  EXPECT_EQ(s2.misses, s1.misses);
+  EXPECT_EQ(s2.cached_bytes, s1.cached_bytes);
+  EXPECT_EQ(s1.live_bytes, s0.live_bytes);
+  { auto t = torch::ones({1000}); }
+  EXPECT_EQ(flora::cpu_cache_stats().hits, s2.hits);
+
+  // Shapes that never come back are unmapped once the cache is over its limit.
+  ASSERT_TRUE(flora::configure_allocator(8));
+  EXPECT_LE(flora::cpu_cache_stats().cached_bytes, std::size_t(8) << 20);
+  for (int mb = 2; mb < 12; ++mb) {
+    auto t = torch::empty({mb << 18});
+    t.fill_(1.0f);
+  }
+  const auto s3 = flora::cpu_cache_stats();
+  EXPECT_LE(s3.cached_bytes, std::size_t(8 + 11) << 20) << "at most the limit plus the last block";
+  EXPECT_GT(s3.released, s2.released);
+  ASSERT_TRUE(flora::configure_allocator(1024));
+}
 
 TEST(Train, AdamwMatchesLibTorch) {
   torch::manual_seed(0);

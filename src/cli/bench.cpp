@@ -100,6 +100,7 @@ int run_step(const StepArgs& a) {
   }
   auto y = torch::randint(0, classes, {a.batch_size}, torch::kLong);
   model->train(a.mode == "train");
+  empty_cpu_cache();  // setup's blocks, as flora train does before its first step
   const double base_rss = proc_status_mb("VmRSS");
 
   std::vector<double> times, cpu_times;

@@ -276,6 +276,7 @@ int main(int argc, char** argv) {
   }
   try {
     flora::configure_threads(threads);
+    flora::configure_allocator();
     return run ? run() : 2;
   } catch (const flora::InvalidArgument& e) {
     std::cerr << "flora: error: " << e.what() << "\n";
