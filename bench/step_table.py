@@ -8,7 +8,8 @@ reported as ratios to the frozen step measured in the same round (the median ove
 
 Methods: frozen (forward + input gradient), full, lora (rank 16), flora (ranks 16,16,2,2), and
 flora through TorchScript (the same torchvision model scripted by PyTorch, adapters by the
-weight-attribute mechanism). Adapters go on every conv (--targets all-conv) for the CNNs and on
+weight-attribute mechanism). --cache-ab adds frozen and flora with flora's CPU block cache off
+(FLORA_CPU_CACHE_MB=0: glibc's malloc), to measure what the cache gains in the same rounds. Adapters go on every conv (--targets all-conv) for the CNNs and on
 every conv and linear but the head for the ViT. Prints a markdown table and writes the raw JSON
 to --json-out.
 """
@@ -29,10 +30,10 @@ def script_model(arch, path, image_size):
     torch.jit.script(m.eval()).save(path)
 
 
-def bench(flora, model, method, extra, a):
+def bench(flora, model, method, extra, a, env=None):
     cmd = [flora, "bench", "step", "--model", model, "--method", method, "--batch-size", str(a.batch_size),
            "--image-size", str(a.image_size), "--steps", str(a.steps), "--warmup", "2", "--json"] + extra
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, **(env or {}))).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -45,6 +46,7 @@ def main():
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--flora", default="build/bin/flora")
     ap.add_argument("--json-out", default="")
+    ap.add_argument("--cache-ab", action="store_true", help="add frozen and flora without the CPU block cache")
     a = ap.parse_args()
     t0 = time.time()
     tmp = tempfile.mkdtemp()
@@ -57,10 +59,14 @@ def main():
                     ("lora r=16", arch, "lora", targets + ["--rank", "16"]),
                     ("flora [16,16,2,2]", arch, "flora", targets + ["--ranks", "16,16,2,2"]),
                     ("flora TorchScript", pt, "flora", targets + ["--ranks", "16,16,2,2"])]
+        if a.cache_ab:
+            variants += [("frozen, no CPU cache", arch, "frozen", targets),
+                         ("flora, no CPU cache", arch, "flora", targets + ["--ranks", "16,16,2,2"])]
+        off = {"FLORA_CPU_CACHE_MB": "0"}
         runs = {v[0]: [] for v in variants}
         for r in range(a.rounds):
             for name, model, method, extra in variants:
-                runs[name].append(bench(a.flora, model, method, extra, a))
+                runs[name].append(bench(a.flora, model, method, extra, a, off if "no CPU cache" in name else None))
                 print(f"{arch} round {r + 1} {name}: {runs[name][-1]['median_step_s']:.4f} s", file=sys.stderr)
         rows[arch] = runs
         os.remove(pt)

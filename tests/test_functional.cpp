@@ -263,6 +263,7 @@ struct DepthwiseCase {
   F::ConvGeometry geo;
   bool bias, input_grad;
   torch::Dtype dtype;
+  bool channels_last = false;  ///< x and the output gradient in NHWC memory, as ConvNeXt's permutes leave them
 };
 
 TEST(ConvNd, DepthwiseWeightGradientMatchesTorchAutograd) {
@@ -278,10 +279,13 @@ TEST(ConvNd, DepthwiseWeightGradientMatchesTorchAutograd) {
       {"rectangular-kernel", {2, 4, 7, 9}, {4, 1, 3, 5}, {{1, 1}, {1, 2}, {1, 1}, 4, PM::Zeros}, false, false, torch::kFloat64},
       {"reflect", {1, 4, 6, 6}, {4, 1, 3, 3}, {{1, 1}, {1, 1}, {1, 1}, 4, PM::Reflect}, true, true, torch::kFloat64},
       {"circular-stride", {2, 4, 7, 7}, {8, 1, 3, 3}, {{2, 2}, {1, 1}, {1, 1}, 4, PM::Circular}, false, true, torch::kFloat64},
+      {"channels-last", {2, 6, 9, 9}, {6, 1, 7, 7}, {{1, 1}, {3, 3}, {1, 1}, 6, PM::Zeros}, true, true, torch::kFloat64, true},
+      {"channels-last-past-input", {2, 8, 2, 2}, {8, 1, 7, 7}, {{1, 1}, {3, 3}, {1, 1}, 8, PM::Zeros}, false, true, torch::kFloat32, true},
   };
   for (const auto& c : cases) {
     const auto opt = torch::TensorOptions().dtype(c.dtype);
-    const auto x = torch::randn(c.x_shape, opt).requires_grad_(c.input_grad);
+    const auto format = c.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    const auto x = torch::randn(c.x_shape, opt).contiguous(format).requires_grad_(c.input_grad);
     const auto w = torch::randn(c.w_shape, opt).requires_grad_(true);
     const auto b = c.bias ? torch::randn({c.w_shape[0]}, opt).requires_grad_(true) : Tensor();
     auto y = F::conv_nd(x, w, b, c.geo);
@@ -301,7 +305,7 @@ TEST(ConvNd, DepthwiseWeightGradientMatchesTorchAutograd) {
     const auto yr = at::convolution(in, wr, br.defined() ? c10::optional<Tensor>(br) : c10::nullopt, c.geo.stride, pad,
                                     c.geo.dilation, false, {0, 0}, c.geo.groups);
     ASSERT_EQ(y.sizes(), yr.sizes()) << c.name;
-    const auto gy = torch::randn(y.sizes(), opt);
+    const auto gy = torch::randn(y.sizes(), opt).contiguous(format);
     y.backward(gy);
     yr.backward(gy);
     const double tol = c.dtype == torch::kFloat64 ? 1e-10 : 2e-4;

@@ -39,6 +39,7 @@ struct StepArgs {
   double scale = 4.0, alpha = 16.0;
   bool json = false;
   std::string profile;  ///< Chrome trace of the timed steps (LibTorch's autograd profiler)
+  std::string against;  ///< a baseline method stepped alternately in the same process
 };
 
 // Resident memory of this process from /proc/self/status (VmRSS now, VmHWM the peak), in MB.
@@ -55,79 +56,115 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-int run_step(const StepArgs& a) {
-  if (!(a.method == "frozen" || a.method == "full" || a.method == "lora" || a.method == "flora"))
-    throw InvalidArgument("--method '" + a.method + "' is unknown (expected frozen, full, lora or flora)");
-  if (a.mode != "train" && a.mode != "infer") throw InvalidArgument("--mode '" + a.mode + "' is unknown (expected train or infer)");
-  train::TrainConfig c;
-  c.model = a.model;
-  c.method = a.method;
-  c.ranks = a.ranks;
-  c.rank = a.rank;
-  c.scale = a.scale;
-  c.alpha = a.alpha;
-  c.conv_path = a.conv_path;
-  c.core = a.core;
-  c.identity = a.identity;
-  c.targets = a.targets;
-  c.num_classes = a.num_classes;
-  if (c.conv_path != "auto" && c.conv_path != "merged" && c.conv_path != "factorized" && c.conv_path != "separable")
-    throw InvalidArgument("--conv-path '" + c.conv_path + "' is unknown (expected auto, merged, factorized or separable)");
-
-  torch::manual_seed(0);
-  auto model = open_model(a.model);
-  if (!a.weights.empty()) model->load_state(io::SafetensorsFile(a.weights).load_all(), /*strict=*/true);
-  const auto report = train::prepare_model(*model, c);
+// One model set up as `method` trains (or infers) on one fixed random batch, a step at a time.
+struct Stepper {
+  std::unique_ptr<Model> model;
+  InjectionReport report;
   std::vector<std::pair<std::string, torch::Tensor>> params;
   std::unique_ptr<train::FlatAdamW> adam;  // as flora train steps
-  if (a.mode == "train") {
-    params = model->trainable_parameters();
-    std::vector<torch::Tensor> tensors;
-    for (auto& [n, p] : params) tensors.push_back(p);
-    if (!tensors.empty()) adam = std::make_unique<train::FlatAdamW>(tensors);
-  } else if (a.method == "flora" || a.method == "lora") {
-    model->merge();
-  }
-  int64_t trainable = 0;
-  for (auto& [n, p] : model->trainable_parameters()) trainable += p.numel();
+  std::string method, mode;
+  torch::Tensor x, y;
+  int64_t trainable = 0, steps = 0;
 
-  auto x = torch::randn({a.batch_size, 3, a.image_size, a.image_size});
-  int64_t classes = 0;
-  {
-    torch::NoGradGuard g;
-    model->train(false);
-    classes = model->forward(x.slice(0, 0, 1)).size(-1);
+  Stepper(const StepArgs& a, const std::string& method_) : method(method_), mode(a.mode) {
+    train::TrainConfig c;
+    c.model = a.model;
+    c.method = method;
+    c.ranks = a.ranks;
+    c.rank = a.rank;
+    c.scale = a.scale;
+    c.alpha = a.alpha;
+    c.conv_path = a.conv_path;
+    c.core = a.core;
+    c.identity = a.identity;
+    c.targets = a.targets;
+    c.num_classes = a.num_classes;
+    torch::manual_seed(0);
+    model = open_model(a.model);
+    if (!a.weights.empty()) model->load_state(io::SafetensorsFile(a.weights).load_all(), /*strict=*/true);
+    report = train::prepare_model(*model, c);
+    if (mode == "train") {
+      params = model->trainable_parameters();
+      std::vector<torch::Tensor> tensors;
+      for (auto& [n, p] : params) tensors.push_back(p);
+      if (!tensors.empty()) adam = std::make_unique<train::FlatAdamW>(tensors);
+    } else if (method == "flora" || method == "lora") {
+      model->merge();
+    }
+    for (auto& [n, p] : model->trainable_parameters()) trainable += p.numel();
+    x = torch::randn({a.batch_size, 3, a.image_size, a.image_size});
+    int64_t classes = 0;
+    {
+      torch::NoGradGuard g;
+      model->train(false);
+      classes = model->forward(x.slice(0, 0, 1)).size(-1);
+    }
+    y = torch::randint(0, classes, {a.batch_size}, torch::kLong);
+    model->train(mode == "train");
   }
-  auto y = torch::randint(0, classes, {a.batch_size}, torch::kLong);
-  model->train(a.mode == "train");
+
+  void step() {
+    ++steps;
+    if (mode == "infer") {
+      torch::NoGradGuard g;
+      model->forward(x);
+      return;
+    }
+    auto input = method == "frozen" ? x.detach().requires_grad_(true) : x;
+    auto loss = torch::nn::functional::cross_entropy(model->forward(input), y);
+    loss.backward();
+    if (adam) {
+      std::vector<torch::Tensor> grads;
+      for (auto& [n, p] : params) grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
+      adam->step(grads, steps, 1e-4, 0.9, 0.999, 1e-8, 0.01);
+      for (auto& [n, p] : params) p.mutable_grad() = torch::Tensor();
+    }
+  }
+};
+
+int run_step(const StepArgs& a) {
+  auto check_method = [](const std::string& m, const char* flag) {
+    if (!(m == "frozen" || m == "full" || m == "lora" || m == "flora"))
+      throw InvalidArgument(std::string(flag) + " '" + m + "' is unknown (expected frozen, full, lora or flora)");
+  };
+  check_method(a.method, "--method");
+  if (!a.against.empty()) check_method(a.against, "--against");
+  if (a.mode != "train" && a.mode != "infer") throw InvalidArgument("--mode '" + a.mode + "' is unknown (expected train or infer)");
+  if (a.conv_path != "auto" && a.conv_path != "merged" && a.conv_path != "factorized" && a.conv_path != "separable")
+    throw InvalidArgument("--conv-path '" + a.conv_path + "' is unknown (expected auto, merged, factorized or separable)");
+
+  Stepper main(a, a.method);
+  std::unique_ptr<Stepper> base;
+  if (!a.against.empty()) base = std::make_unique<Stepper>(a, a.against);
+  auto& model = main.model;
+  const auto& report = main.report;
+  const int64_t trainable = main.trainable;
   empty_cpu_cache();  // setup's blocks, as flora train does before its first step
   const double base_rss = proc_status_mb("VmRSS");
 
-  std::vector<double> times, cpu_times;
+  // With --against, the baseline steps right before each step of the method, in this process:
+  // a slow spell of a shared machine hits both alike, and the ratio is taken per pair.
+  std::vector<double> times, cpu_times, ratios;
   std::unique_ptr<torch::autograd::profiler::RecordProfile> profiler;
   const std::string trace_tmp = a.profile + ".tmp";
   for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
     if (s == a.warmup && !a.profile.empty())
       profiler = std::make_unique<torch::autograd::profiler::RecordProfile>(trace_tmp);
+    double base_dt = 0;
+    if (base) {
+      const auto b0 = std::chrono::steady_clock::now();
+      base->step();
+      base_dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - b0).count();
+    }
     const auto t0 = std::chrono::steady_clock::now();
     const std::clock_t c0 = std::clock();
-    if (a.mode == "infer") {
-      torch::NoGradGuard g;
-      model->forward(x);
-    } else {
-      auto input = a.method == "frozen" ? x.detach().requires_grad_(true) : x;
-      auto loss = torch::nn::functional::cross_entropy(model->forward(input), y);
-      loss.backward();
-      if (adam) {
-        std::vector<torch::Tensor> grads;
-        for (auto& [n, p] : params) grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
-        adam->step(grads, s + 1, 1e-4, 0.9, 0.999, 1e-8, 0.01);
-        for (auto& [n, p] : params) p.mutable_grad() = torch::Tensor();
-      }
-    }
+    main.step();
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double cpu = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
-    if (s >= a.warmup) times.push_back(dt), cpu_times.push_back(cpu);
+    if (s >= a.warmup) {
+      times.push_back(dt), cpu_times.push_back(cpu);
+      if (base) ratios.push_back(dt / base_dt);
+    }
   }
 
   if (profiler) {
@@ -172,6 +209,7 @@ int run_step(const StepArgs& a) {
                         {"adapter_params", report.total_params()},
                         {"conv_paths", paths},
                         {"layers", layers}};
+    if (base) j["against"] = {{"method", a.against}, {"median_ratio", median(ratios)}};
     std::cout << j.dump() << "\n";
   } else {
     std::printf("%s %s (%s): median step %.4f s (mean %.4f, %lld steps after %lld warm-up), peak RSS %.0f MB (%.0f MB before "
@@ -180,6 +218,9 @@ int run_step(const StepArgs& a) {
                 base_rss, format_count(trainable).c_str());
     for (const auto& [p, n] : paths) std::printf(", %lld adapted layer(s) %s", (long long)n, p.c_str());
     std::printf("\n");
+    if (base)
+      std::printf("%s / %s step time, stepped alternately in this process: %.3fx (median of %zu pairs; peak RSS counts both models)\n",
+                  a.method.c_str(), a.against.c_str(), median(ratios), ratios.size());
   }
   return 0;
 }
@@ -212,6 +253,9 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
   c->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   c->add_option("--profile", a->profile, "Write a Chrome trace (chrome://tracing) of the timed steps, every LibTorch op "
                  "with its time; the profiler slows the steps it records");
+  c->add_option("--against", a->against, "Also build the model as this method (e.g. frozen) and step the two alternately in "
+                 "this process; prints the median per-pair step-time ratio, which a shared machine's drifts cancel out of "
+                 "(peak RSS then counts both models)");
   c->add_flag("--json", a->json, "Print one JSON object (median_step_s, peak_rss_mb, conv paths per layer, ...)");
   c->callback([a, &run] { run = [a] { return run_step(*a); }; });
   add_study(*bench, run);
