@@ -96,6 +96,15 @@ check "inspect arch"      0 "6 adaptable layers"     -- inspect --model smallcnn
 check "inspect no model"  2 "need --model"           -- inspect --method flora
 check "bench infer"       0 "5 adapted layer(s) weights merged"           -- bench step --model smallcnn --method flora --mode infer --batch-size 2 --image-size 16 --steps 1
 check "bench bad method"  2 "frozen, full, lora or flora" -- bench step --model smallcnn --method dora
+check "bench bad against" 2 "--against 'dora' is unknown" -- bench step --model smallcnn --method flora --against dora
+# --against: both models step, one ratio per timed step; the method's own fields are unchanged
+out=$("$flora" bench step --model smallcnn --method flora --against frozen --batch-size 2 --image-size 16 --steps 3 --warmup 1 --json 2>&1)
+if /usr/bin/python3 -c '
+import json, sys
+j = json.loads(sys.argv[1])
+assert j["against"]["method"] == "frozen" and j["against"]["median_ratio"] > 0, j
+assert j["adapter_params"] > 0 and sum(j["conv_paths"].values()) == 5, j
+' "$out"; then pass=$((pass + 1)); else echo "FAIL bench step --against: $out"; fail=$((fail + 1)); fi
 check "bench bad model"   2 "neither a TorchScript"  -- bench step --model resnet999
 
 echo "cli: $pass passed, $fail failed"
