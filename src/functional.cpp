@@ -94,7 +94,35 @@ Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, doub
   const auto plan = plan_contraction(full_shape(core, factors),
                                      std::vector<int64_t>(core.sizes().begin(), core.sizes().end()), identity);
   Tensor t = scale == 1.0 ? core : core * scale;  // the core is the smallest tensor: scale it there
-  for (int64_t n : plan.order) t = mode_product(t, factors[n], n);
+
+  // The kernel's modes (2 and up in a weight's layout) when all have factors: one GEMM with the
+  // Kronecker product of their factors, t [P, r_2 ... r_N] K^T, instead of one mode product each.
+  // K is tiny ([9, 4] for a 3x3 kernel at rank 2); a conv adapter builds it every step, and a
+  // mode product costs several ops forward and backward, a GEMM with a broadcast factor more.
+  const int64_t N = static_cast<int64_t>(factors.size());
+  int64_t first = N;
+  while (first > 2 && factors[first - 1].defined()) --first;
+  int64_t kron_rows = 1, kron_cols = 1;
+  for (int64_t n = first; n < N; ++n) kron_rows *= factors[n].size(0), kron_cols *= factors[n].size(1);
+  auto at_pos = std::find(plan.order.begin(), plan.order.end(), first);
+  const bool fuse = N - first >= 2 && kron_rows * kron_cols <= 4096 &&
+                    plan.order.end() - at_pos >= N - first &&
+                    std::all_of(at_pos, at_pos + (N - first), [&](int64_t n) { return n >= first; });
+  for (auto it = plan.order.begin(); it != plan.order.end(); ++it) {
+    if (fuse && it == at_pos) {
+      Tensor k = factors[first];  // [k_first, r_first] -> kron over the kernel's modes
+      for (int64_t n = first + 1; n < N; ++n)
+        k = (k.unsqueeze(1).unsqueeze(3) * factors[n].unsqueeze(0).unsqueeze(2))
+                .reshape({k.size(0) * factors[n].size(0), k.size(1) * factors[n].size(1)});
+      auto shape = t.sizes().vec();
+      const int64_t lead = t.numel() / kron_cols;
+      for (int64_t n = first; n < N; ++n) shape[n] = factors[n].size(0);
+      t = t.reshape({lead, kron_cols}).matmul(k.t()).view(shape);
+      it += (N - first) - 1;
+      continue;
+    }
+    t = mode_product(t, factors[*it], *it);
+  }
   return t;
 }
 

@@ -72,6 +72,11 @@ TEST(TuckerDelta, MatchesEinsumForOrdersOneToFiveWithIdentityModes) {
       {{8, 4, 3, 3}, {3, 2, 3, 3}, {false, false, true, true}},
       {{8, 4, 3, 3}, {8, 4, 3, 3}, {true, true, true, true}},
       {{5, 2, 3, 2, 2}, {2, 2, 2, 1, 2}, {false, true, false, false, false}},
+      // kernel modes fused into one Kronecker GEMM: depthwise-like, 1x1, and a too-large kernel
+      {{6, 1, 7, 7}, {3, 1, 2, 2}, {false, true, false, false}},
+      {{6, 4, 1, 1}, {2, 2, 1, 1}, {false, false, false, false}},
+      {{2, 2, 9, 9, 9}, {1, 1, 3, 3, 3}, {false, false, false, false, false}},
+      {{3, 2, 3, 3}, {3, 2, 2, 3}, {true, false, false, false}},
   };
   for (const auto& c : cases) {
     auto core = torch::randn(c.ranks, kF64);
