@@ -146,16 +146,22 @@ class BlockCache final : public c10::Allocator {
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     return p == MAP_FAILED ? nullptr : p;
   }
-  // Returns true if `p` was one of ours (now cached), false for a small block.
+  // Returns true if `p` was one of ours (now cached, or unmapped if caching it would exceed the
+  // limit: the largest cached blocks go first), false for a small block.
   bool put_back(void* p) const {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = live_.find(p);
-    if (it == live_.end()) return false;
-    const std::size_t size = it->second;
-    live_.erase(it);
-    live_bytes_ -= size;
-    free_.emplace(size, p);
-    cached_bytes_ += size;
+    std::vector<std::pair<void*, std::size_t>> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = live_.find(p);
+      if (it == live_.end()) return false;
+      const std::size_t size = it->second;
+      live_.erase(it);
+      live_bytes_ -= size;
+      free_.emplace(size, p);
+      cached_bytes_ += size;
+      collect(limit_, drop);
+    }
+    for (const auto& [q, s] : drop) ::munmap(q, s);
     return true;
   }
 

@@ -26,8 +26,8 @@ struct CpuCacheStats {
 /// (sizes rounded up to 1 MiB; the untouched tail costs no memory) and hands them out again, the
 /// smallest that fits and is at most twice the size, as the next step asks for the same sizes;
 /// smaller tensors go to LibTorch's allocator.
-/// When a size is not cached and the cached bytes exceed the limit, cached blocks are unmapped
-/// first, so shapes that never come back (a last partial batch) do not pile up.
+/// Cached bytes never exceed the limit (a free beyond it, or a new block, unmaps the largest
+/// cached blocks first), so shapes that never come back (a last partial batch) cannot pile up.
 /// `limit_mb` < 0: FLORA_CPU_CACHE_MB if set, else half the physical memory. 0 (or
 /// FLORA_CPU_CACHE_MB=0): not installed, returns false. Called again, it changes only the limit.
 /// Returns whether the cache is LibTorch's CPU allocator afterwards.
