@@ -41,7 +41,7 @@ int configure_threads(int requested) {
 
 namespace {
 
-// Freed CPU blocks of 1 MiB and more, kept by rounded size for the next tensor of that size.
+// Freed CPU blocks of 1 MiB and more, kept by rounded size for the next tensor that fits.
 // Blocks are anonymous mappings (page-aligned, so LibTorch's 64-byte alignment holds); the
 // deleter of every tensor it hands out, large or small, is release(): small ones came from
 // c10::alloc_cpu and go back to c10::free_cpu, so raw_allocate/raw_deallocate work too.

@@ -151,6 +151,11 @@ int run_doctor() {
   std::cout << "LibTorch " << TORCH_VERSION_MAJOR << "." << TORCH_VERSION_MINOR << "." << TORCH_VERSION_PATCH << "\n";
   std::cout << "threads: " << at::get_num_threads() << " (hardware " << std::thread::hardware_concurrency() << ")\n";
   std::cout << "oneDNN (mkldnn): " << (at::hasMKLDNN() ? "yes" : "no") << "\n";
+  const auto cache = flora::cpu_cache_stats();
+  if (cache.limit_bytes > 0)
+    std::cout << "CPU block cache: on, up to " << (cache.limit_bytes >> 20) << " MB cached (FLORA_CPU_CACHE_MB=0 turns it off)\n";
+  else
+    std::cout << "CPU block cache: off (glibc malloc; FLORA_CPU_CACHE_MB unset or > 0 turns it on)\n";
   const int64_t n = 1024;
   auto a = torch::randn({n, n});
   a.mm(a);  // warm up (loads the BLAS)
@@ -171,7 +176,7 @@ int run_doctor() {
 }
 
 void add_doctor(CLI::App& app, std::function<int()>& run) {
-  auto* c = app.add_subcommand("doctor", "Report LibTorch, BLAS speed, threads and CUDA devices");
+  auto* c = app.add_subcommand("doctor", "Report LibTorch, BLAS speed, threads, the CPU block cache and CUDA devices");
   c->callback([&run] { run = run_doctor; });
 }
 

@@ -96,6 +96,12 @@ check "inspect arch"      0 "6 adaptable layers"     -- inspect --model smallcnn
 check "inspect no model"  2 "need --model"           -- inspect --method flora
 check "bench infer"       0 "5 adapted layer(s) weights merged"           -- bench step --model smallcnn --method flora --mode infer --batch-size 2 --image-size 16 --steps 1
 check "bench bad method"  2 "frozen, full, lora or flora" -- bench step --model smallcnn --method dora
+# the CPU block cache follows FLORA_CPU_CACHE_MB; a bad value stops before any work
+for row in "64|0|CPU block cache: on, up to 64 MB" "0|0|CPU block cache: off" "lots|2|FLORA_CPU_CACHE_MB='lots'"; do
+  IFS='|' read -r v want_rc want <<<"$row"
+  out=$(FLORA_CPU_CACHE_MB=$v "$flora" doctor 2>&1); rc=$?
+  if [[ $rc -eq $want_rc && $out == *"$want"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor cache $v: rc=$rc $out"; fail=$((fail + 1)); fi
+done
 check "bench bad against" 2 "--against 'dora' is unknown" -- bench step --model smallcnn --method flora --against dora
 # --against: both models step, one ratio per timed step; the method's own fields are unchanged
 out=$("$flora" bench step --model smallcnn --method flora --against frozen --batch-size 2 --image-size 16 --steps 3 --warmup 1 --json 2>&1)
