@@ -46,6 +46,16 @@ Tensor pointwise(const Tensor& m, int64_t dims) {
   return m.reshape(shape);
 }
 
+// The Kronecker product U_a (x) U_b (x) ... of factors [k_i, r_i]: [prod k, prod r], rows and
+// columns in C order (the layout of the modes they replace, flattened).
+Tensor kronecker(const std::vector<Tensor>& us) {
+  Tensor k = us.front();
+  for (size_t i = 1; i < us.size(); ++i)
+    k = (k.unsqueeze(1).unsqueeze(3) * us[i].unsqueeze(0).unsqueeze(2))
+            .reshape({k.size(0) * us[i].size(0), k.size(1) * us[i].size(1)});
+  return k;
+}
+
 // Geometry of a grouped 1x1 conv: stride 1, no padding, no dilation.
 ConvGeometry pointwise_geometry(int64_t dims, int64_t groups) {
   return {std::vector<int64_t>(dims, 1), std::vector<int64_t>(dims, 0), std::vector<int64_t>(dims, 1), groups,
@@ -102,26 +112,24 @@ Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, doub
   const int64_t N = static_cast<int64_t>(factors.size());
   int64_t first = N;
   while (first > 2 && factors[first - 1].defined()) --first;
+  const std::vector<Tensor> kernel_factors(factors.begin() + first, factors.end());
   int64_t kron_rows = 1, kron_cols = 1;
-  for (int64_t n = first; n < N; ++n) kron_rows *= factors[n].size(0), kron_cols *= factors[n].size(1);
-  auto at_pos = std::find(plan.order.begin(), plan.order.end(), first);
-  const bool fuse = N - first >= 2 && kron_rows * kron_cols <= 4096 &&
+  for (const auto& u : kernel_factors) kron_rows *= u.size(0), kron_cols *= u.size(1);
+  const auto at_pos = std::find(plan.order.begin(), plan.order.end(), first);
+  const bool fuse = kernel_factors.size() >= 2 && kron_rows * kron_cols <= 4096 &&
                     plan.order.end() - at_pos >= N - first &&
                     std::all_of(at_pos, at_pos + (N - first), [&](int64_t n) { return n >= first; });
-  for (auto it = plan.order.begin(); it != plan.order.end(); ++it) {
-    if (fuse && it == at_pos) {
-      Tensor k = factors[first];  // [k_first, r_first] -> kron over the kernel's modes
-      for (int64_t n = first + 1; n < N; ++n)
-        k = (k.unsqueeze(1).unsqueeze(3) * factors[n].unsqueeze(0).unsqueeze(2))
-                .reshape({k.size(0) * factors[n].size(0), k.size(1) * factors[n].size(1)});
+  for (size_t i = 0; i < plan.order.size();) {
+    const int64_t n = plan.order[i];
+    if (fuse && n == first) {  // the kernel's modes, which the plan contracts one after the other
       auto shape = t.sizes().vec();
-      const int64_t lead = t.numel() / kron_cols;
-      for (int64_t n = first; n < N; ++n) shape[n] = factors[n].size(0);
-      t = t.reshape({lead, kron_cols}).matmul(k.t()).view(shape);
-      it += (N - first) - 1;
-      continue;
+      for (int64_t m = first; m < N; ++m) shape[m] = factors[m].size(0);
+      t = t.reshape({t.numel() / kron_cols, kron_cols}).matmul(kronecker(kernel_factors).t()).view(shape);
+      i += kernel_factors.size();
+    } else {
+      t = mode_product(t, factors[n], n);
+      ++i;
     }
-    t = mode_product(t, factors[*it], *it);
   }
   return t;
 }

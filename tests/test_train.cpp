@@ -48,14 +48,13 @@ TEST(Runtime, CpuBlockCacheReusesFreedBlocksAndTrimsToItsLimit) {
   setenv("FLORA_CPU_CACHE_MB", "x", 1);
   EXPECT_THROW(flora::configure_allocator(), flora::InvalidArgument);
   unsetenv("FLORA_CPU_CACHE_MB");
+  const long pages = 3 * 3 * (48 << 20) / 4096;  // 3 rounds of a, b and a + b
   const bool was_installed = flora::cpu_cache_stats().limit_bytes > 0;
   if (!was_installed) {
     EXPECT_FALSE(flora::configure_allocator(0)) << "a limit of 0 does not install it";
-    const long pages = 3 * 3 * (48 << 20) / 4096;
     EXPECT_GT(faults_of_three_rounds(), pages / 2) << "the premise: without the cache, every round faults";
   }
   ASSERT_TRUE(flora::configure_allocator(1024));
-  const long pages = 3 * 3 * (48 << 20) / 4096;
   EXPECT_LT(faults_of_three_rounds(), pages / 20) << "freed blocks should be reused without faulting again";
 
   // A block is handed out again for the same rounded size; a small tensor never enters the cache.
