@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <numeric>
 #include <sstream>
 
 #include "flora/spec.h"
@@ -97,41 +98,186 @@ Tensor superdiagonal(const Tensor& values, int64_t order) {
   return flat.view(std::vector<int64_t>(order, R));
 }
 
-Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale) {
-  check_factors(core, factors, "tucker_delta");
+namespace {
+
+// One step of tucker_delta's contraction: a single mode, or the kernel's trailing modes
+// [first, N) contracted at once with the Kronecker product of their factors.
+struct DeltaStep {
+  int64_t first = 0, count = 1;
+};
+
+// The steps in the order flora::plan_contraction chose. The kernel's modes (2 and up in a
+// weight's layout), when all have factors, run as one GEMM with the Kronecker product of their
+// factors, t [P, r_2 ... r_N] K^T, instead of one mode product each: K is tiny ([9, 4] for a 3x3
+// kernel at rank 2), and a conv adapter builds dW every step.
+std::vector<DeltaStep> delta_steps(const Tensor& core, const std::vector<Tensor>& factors) {
   std::vector<bool> identity(factors.size());
   for (size_t n = 0; n < factors.size(); ++n) identity[n] = !factors[n].defined();
   const auto plan = plan_contraction(full_shape(core, factors),
                                      std::vector<int64_t>(core.sizes().begin(), core.sizes().end()), identity);
-  Tensor t = scale == 1.0 ? core : core * scale;  // the core is the smallest tensor: scale it there
-
-  // The kernel's modes (2 and up in a weight's layout) when all have factors: one GEMM with the
-  // Kronecker product of their factors, t [P, r_2 ... r_N] K^T, instead of one mode product each.
-  // K is tiny ([9, 4] for a 3x3 kernel at rank 2); a conv adapter builds it every step, and a
-  // mode product costs several ops forward and backward, a GEMM with a broadcast factor more.
   const int64_t N = static_cast<int64_t>(factors.size());
   int64_t first = N;
   while (first > 2 && factors[first - 1].defined()) --first;
-  const std::vector<Tensor> kernel_factors(factors.begin() + first, factors.end());
-  int64_t kron_rows = 1, kron_cols = 1;
-  for (const auto& u : kernel_factors) kron_rows *= u.size(0), kron_cols *= u.size(1);
+  int64_t kron_elements = 1;
+  for (int64_t n = first; n < N; ++n) kron_elements *= factors[n].size(0) * factors[n].size(1);
   const auto at_pos = std::find(plan.order.begin(), plan.order.end(), first);
-  const bool fuse = kernel_factors.size() >= 2 && kron_rows * kron_cols <= 4096 &&
-                    plan.order.end() - at_pos >= N - first &&
+  const bool fuse = N - first >= 2 && kron_elements <= 4096 && plan.order.end() - at_pos >= N - first &&
                     std::all_of(at_pos, at_pos + (N - first), [&](int64_t n) { return n >= first; });
+  std::vector<DeltaStep> steps;
   for (size_t i = 0; i < plan.order.size();) {
-    const int64_t n = plan.order[i];
-    if (fuse && n == first) {  // the kernel's modes, which the plan contracts one after the other
-      auto shape = t.sizes().vec();
-      for (int64_t m = first; m < N; ++m) shape[m] = factors[m].size(0);
-      t = t.reshape({t.numel() / kron_cols, kron_cols}).matmul(kronecker(kernel_factors).t()).view(shape);
-      i += kernel_factors.size();
+    if (fuse && plan.order[i] == first) {
+      steps.push_back({first, N - first});
+      i += static_cast<size_t>(N - first);
     } else {
-      t = mode_product(t, factors[n], n);
+      steps.push_back({plan.order[i], 1});
       ++i;
     }
   }
-  return t;
+  return steps;
+}
+
+// t x_step: one mode product, or the fused kernel modes' GEMM with k = their Kronecker product.
+Tensor apply_step(const Tensor& t, const DeltaStep& s, const Tensor& u_or_k, const std::vector<int64_t>& out_sizes) {
+  if (s.count == 1) return mode_product(t, u_or_k, s.first);
+  const int64_t cols = u_or_k.size(1);
+  auto shape = t.sizes().vec();
+  for (int64_t m = s.first; m < s.first + s.count; ++m) shape[m] = out_sizes[m];
+  return t.reshape({t.numel() / cols, cols}).matmul(u_or_k.t()).view(shape);
+}
+
+// d(loss)/d(factor n) of a Kronecker product K = U_a (x) U_b (x) ... from d(loss)/dK: gK viewed
+// as [k_a, k_b, ..., r_a, r_b, ...] contracted with every other factor over its (k, r) pair.
+Tensor kronecker_factor_grad(const Tensor& gk, const std::vector<Tensor>& us, size_t n) {
+  const size_t m = us.size();
+  if (m == 2) {  // a 2-d kernel: one matrix-vector product on [k_a r_a, k_b r_b], no einsum parsing
+    const Tensor pairs = gk.view({us[0].size(0), us[1].size(0), us[0].size(1), us[1].size(1)})
+                             .permute({0, 2, 1, 3})
+                             .reshape({us[0].numel(), us[1].numel()});
+    return n == 0 ? pairs.mv(us[1].reshape(-1)).view(us[0].sizes()) : us[0].reshape(-1).matmul(pairs).view(us[1].sizes());
+  }
+  std::vector<int64_t> shape;
+  for (const auto& u : us) shape.push_back(u.size(0));
+  for (const auto& u : us) shape.push_back(u.size(1));
+  std::string lhs(2 * m, ' ');
+  for (size_t i = 0; i < m; ++i) lhs[i] = static_cast<char>('a' + i), lhs[m + i] = static_cast<char>('n' + i);
+  std::string eq = lhs;
+  std::vector<Tensor> operands{gk.reshape(shape)};
+  for (size_t i = 0; i < m; ++i)
+    if (i != n) eq += std::string(",") + lhs[i] + lhs[m + i], operands.push_back(us[i]);
+  eq += std::string("->") + lhs[n] + lhs[m + n];
+  return at::einsum(eq, operands);
+}
+
+// d(loss)/du of t' = t x_mode u (u [I, r]) from g = d(loss)/dt': sum over every other mode of
+// g (I at `mode`) times t (r at `mode`).
+Tensor mode_factor_grad(const Tensor& g, const Tensor& t, int64_t mode) {
+  const int64_t I = g.size(mode), r = t.size(mode);
+  if (I == 1 && r == 1) return (g * t).sum().view({1, 1});  // a depthwise conv's U_in: a scalar
+  int64_t P = 1;
+  for (int64_t i = 0; i < mode; ++i) P *= t.size(i);
+  const int64_t Q = t.numel() / (P * r);
+  if (P == 1) return g.reshape({I, Q}).mm(t.reshape({r, Q}).t());
+  if (Q == 1) return g.reshape({P, I}).t().mm(t.reshape({P, r}));
+  return at::tensordot(g.reshape({P, I, Q}), t.reshape({P, r, Q}), {0, 2}, {0, 2});
+}
+
+// tucker_delta as one autograd node. Autograd of the same chain records 5 to 8 nodes per mode
+// (reshape, matmul, view, their backwards); a conv adapter rebuilds dW (or its core conv's
+// kernel) every training step, so those nodes were a measurable share of a small layer's step.
+// Forward saves each step's input; backward walks the steps in reverse: a factor's gradient
+// pairs the incoming gradient with that input, and the gradient passed on is the incoming one
+// times the factor's transpose (the Kronecker product's, for the fused kernel modes).
+// Inputs: core, the defined factors (in mode order), their modes, the scale.
+struct TuckerDeltaFunction : public torch::autograd::Function<TuckerDeltaFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& core, at::TensorList defined,
+                        std::vector<int64_t> modes, double scale) {
+    // Autocast would round dW to bfloat16 here and hand backward a gradient of that type: dW
+    // stays in the factors' dtype, and the layer's own ops cast where autocast wants them to.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    std::vector<Tensor> factors(static_cast<size_t>(core.dim()));
+    for (size_t i = 0; i < modes.size(); ++i) factors[static_cast<size_t>(modes[i])] = defined[i];
+    const auto steps = delta_steps(core, factors);
+    const auto out_sizes = full_shape(core, factors);
+    std::vector<Tensor> saved(defined.begin(), defined.end());
+    // The core is the smallest tensor: scale it there (and never return the input itself).
+    Tensor t = scale == 1.0 && !steps.empty() ? core : core * scale;
+    std::vector<int64_t> step_info;
+    for (const auto& s : steps) {
+      Tensor u = s.count == 1 ? factors[static_cast<size_t>(s.first)]
+                              : kronecker({factors.begin() + s.first, factors.begin() + s.first + s.count});
+      saved.push_back(t);
+      saved.push_back(u);
+      step_info.push_back(s.first);
+      step_info.push_back(s.count);
+      t = apply_step(t, s, u, out_sizes);
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["modes"] = modes;
+    ctx->saved_data["steps"] = step_info;
+    ctx->saved_data["scale"] = scale;
+    return t;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    if (torch::GradMode::is_enabled())  // backward with create_graph: the saved steps carry no history
+      throw InvalidArgument("tucker_delta: double backward (create_graph) is not supported (hint: differentiate dW once)");
+    const auto saved = ctx->get_saved_variables();
+    const auto modes = ctx->saved_data["modes"].toIntVector();
+    const auto step_info = ctx->saved_data["steps"].toIntVector();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const size_t F = modes.size(), S = step_info.size() / 2;
+    std::vector<Tensor> factors;  // by mode
+    std::vector<int64_t> slot;    // mode -> index among the defined factors, -1 for identity
+    for (size_t i = 0; i < F; ++i) {
+      const auto n = static_cast<size_t>(modes[i]);
+      if (slot.size() <= n) slot.resize(n + 1, -1), factors.resize(n + 1);
+      slot[n] = static_cast<int64_t>(i);
+      factors[n] = saved[i];
+    }
+    torch::autograd::variable_list grads(1 + F + 2);  // core, factors, modes, scale
+    Tensor g = grad_out[0];
+    if (!g.defined()) return grads;
+    const Tensor& first_input = S > 0 ? saved[F] : Tensor();
+    g = g.to(first_input.defined() ? first_input.scalar_type() : g.scalar_type());
+    for (size_t k = S; k-- > 0;) {
+      const DeltaStep s{step_info[2 * k], step_info[2 * k + 1]};
+      const Tensor& in = saved[F + 2 * k];
+      const Tensor& u = saved[F + 2 * k + 1];
+      if (s.count == 1) {
+        const auto i = static_cast<size_t>(slot[static_cast<size_t>(s.first)]);
+        if (ctx->needs_input_grad(1 + i)) grads[1 + i] = mode_factor_grad(g, in, s.first);
+        g = mode_product(g, u.t(), s.first);
+      } else {
+        const int64_t rows = u.size(0), cols = u.size(1);
+        const Tensor g2 = g.reshape({g.numel() / rows, rows});
+        const std::vector<Tensor> us(factors.begin() + s.first, factors.begin() + s.first + s.count);
+        bool any = false;
+        for (int64_t m = 0; m < s.count; ++m) any = any || ctx->needs_input_grad(1 + static_cast<size_t>(slot[static_cast<size_t>(s.first + m)]));
+        if (any) {
+          const Tensor gk = g2.t().mm(in.reshape({in.numel() / cols, cols}));
+          for (int64_t m = 0; m < s.count; ++m) {
+            const auto i = static_cast<size_t>(slot[static_cast<size_t>(s.first + m)]);
+            if (ctx->needs_input_grad(1 + i)) grads[1 + i] = kronecker_factor_grad(gk, us, static_cast<size_t>(m));
+          }
+        }
+        g = g2.mm(u).view(in.sizes());
+      }
+    }
+    if (ctx->needs_input_grad(0)) grads[0] = scale == 1.0 ? g : g * scale;
+    return grads;
+  }
+};
+
+}  // namespace
+
+Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale) {
+  check_factors(core, factors, "tucker_delta");
+  std::vector<Tensor> defined;
+  std::vector<int64_t> modes;
+  for (size_t n = 0; n < factors.size(); ++n)
+    if (factors[n].defined()) defined.push_back(factors[n]), modes.push_back(static_cast<int64_t>(n));
+  return TuckerDeltaFunction::apply(core, at::TensorList(defined), modes, scale);
 }
 
 std::string to_string(PaddingMode m) {
@@ -313,11 +459,19 @@ Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<
   const auto& u_in = factors[1];
 
   // Kernel of the middle conv: s * G x_2 U_2 ... x_{N-1} U_{N-1}  -> [r_0, r_1, k...].
-  // A 1x1 kernel (every spatial size 1) makes that conv one more pointwise step, so U_in is
-  // folded into it as linear_branch does: s * G x_1 U_in [r_0, in/g, 1...], one conv fewer
-  // (3 fewer ops per training step) and fewer multiply-adds (in r_0 against in r_1 + r_1 r_0).
+  // Where flora::fold_input_factor says it is no more work (a 1x1 kernel, as linear_branch does;
+  // a kernel no larger than its stride), U_in is folded into it: s * G x_1 U_in [r_0, in/g, k...],
+  // one conv fewer (3 fewer ops per training step) and no r_1-channel copy of the input.
   const auto shape = full_shape(core, factors);
-  const bool fold_in = u_in.defined() && std::all_of(shape.begin() + 2, shape.end(), [](int64_t k) { return k == 1; });
+  const int64_t kernel_elements =
+      std::accumulate(shape.begin() + 2, shape.end(), int64_t{1}, std::multiplies<int64_t>());
+  const std::vector<int64_t> in_spatial(x.sizes().end() - d, x.sizes().end());
+  const auto out_spatial = geo.output_size(in_spatial, std::vector<int64_t>(shape.begin() + 2, shape.end()));
+  auto pixels = [](const std::vector<int64_t>& v) {
+    return std::accumulate(v.begin(), v.end(), 1.0, [](double a, int64_t b) { return a * static_cast<double>(b); });
+  };
+  const bool fold_in = u_in.defined() && fold_input_factor(x.size(1), g, core.size(1), core.size(0), kernel_elements,
+                                                           pixels(in_spatial), pixels(out_spatial));
   std::vector<Tensor> spatial(factors.size());
   for (size_t n = 2; n < factors.size(); ++n) spatial[n] = factors[n];
   if (fold_in) spatial[1] = u_in;

@@ -333,6 +333,16 @@ void check_conv_path(const TargetInfo& t, ConvPath path) {
   fail(t, what.str(), "use conv path auto, merged or factorized here; restrict --targets to the depthwise convs to use separable on them");
 }
 
+bool fold_input_factor(int64_t in_channels, int64_t groups, int64_t r_in, int64_t r_out, int64_t kernel_elements,
+                       double in_pixels, double out_pixels) {
+  const double cin_g = static_cast<double>(in_channels) / static_cast<double>(groups);
+  const double g = static_cast<double>(groups), K = static_cast<double>(kernel_elements);
+  const double folded = out_pixels * g * static_cast<double>(r_out) * cin_g * K;
+  const double unfolded = in_pixels * static_cast<double>(in_channels) * static_cast<double>(r_in) +
+                          out_pixels * g * static_cast<double>(r_out) * static_cast<double>(r_in) * K;
+  return folded <= unfolded;
+}
+
 ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   // Multiply-adds, plus memory traffic of the extra activations weighted by kMemCost
   // (on CPU a float moved costs about as much as several multiply-adds; see docs/DESIGN.md).
@@ -367,8 +377,9 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
 
   const double r_out = static_cast<double>(s.ranks[0]);
   const double r_in = static_cast<double>(s.ranks[1]);
-  // A 1x1 kernel folds U_in into the core conv (functional::conv_branch): no step 1.
-  const bool fold_in = !s.identity[1] && K == 1.0;
+  // Folding U_in into the core conv (functional::conv_branch) removes step 1.
+  const bool fold_in = !s.identity[1] && fold_input_factor(in.in_channels, in.groups, s.ranks[1], s.ranks[0],
+                                                           static_cast<int64_t>(K), product(in.in_spatial), product(in.out_spatial));
   const bool step1 = !s.identity[1] && !fold_in;
   const double s1 = step1 ? p_in * static_cast<double>(in.in_channels) * r_in : 0.0;
   const double s2 = p_out * g * r_out * (fold_in ? cin_g : r_in) * K;

@@ -63,8 +63,10 @@ struct DeltaCase {
   std::vector<bool> identity;
 };
 
-TEST(TuckerDelta, MatchesEinsumForOrdersOneToFiveWithIdentityModes) {
-  const std::vector<DeltaCase> cases = {
+// Single modes, identity modes, rank-1 broadcasts and the fused Kronecker kernel modes (2 and 3
+// of them; depthwise-like, 1x1, and a kernel too large to fuse).
+std::vector<DeltaCase> delta_cases() {
+  return {
       {{7}, {3}, {false}},
       {{6, 5}, {2, 3}, {false, false}},
       {{6, 5}, {2, 5}, {false, true}},
@@ -72,12 +74,17 @@ TEST(TuckerDelta, MatchesEinsumForOrdersOneToFiveWithIdentityModes) {
       {{8, 4, 3, 3}, {3, 2, 3, 3}, {false, false, true, true}},
       {{8, 4, 3, 3}, {8, 4, 3, 3}, {true, true, true, true}},
       {{5, 2, 3, 2, 2}, {2, 2, 2, 1, 2}, {false, true, false, false, false}},
-      // kernel modes fused into one Kronecker GEMM: depthwise-like, 1x1, and a too-large kernel
       {{6, 1, 7, 7}, {3, 1, 2, 2}, {false, true, false, false}},
+      {{6, 1, 7, 7}, {3, 1, 2, 2}, {false, false, false, false}},
       {{6, 4, 1, 1}, {2, 2, 1, 1}, {false, false, false, false}},
+      {{4, 3, 3, 3, 3}, {2, 2, 2, 2, 2}, {false, false, false, false, false}},
       {{2, 2, 9, 9, 9}, {1, 1, 3, 3, 3}, {false, false, false, false, false}},
       {{3, 2, 3, 3}, {3, 2, 2, 3}, {true, false, false, false}},
   };
+}
+
+TEST(TuckerDelta, MatchesEinsumForOrdersOneToFiveWithIdentityModes) {
+  const auto cases = delta_cases();
   for (const auto& c : cases) {
     auto core = torch::randn(c.ranks, kF64);
     std::vector<Tensor> factors(c.shape.size());
@@ -86,6 +93,53 @@ TEST(TuckerDelta, MatchesEinsumForOrdersOneToFiveWithIdentityModes) {
     auto dw = F::tucker_delta(core, factors, 0.37);
     EXPECT_EQ(dw.sizes().vec(), c.shape);
     EXPECT_LT(max_abs_diff(dw, einsum_delta(core, factors, 0.37)), 1e-10) << flora::format_shape(c.shape);
+  }
+}
+
+TEST(TuckerDelta, GradientsMatchAutogradOfEinsumForEveryCase) {
+  // tucker_delta is one autograd node with a hand-written backward; the reference is autograd
+  // through at::einsum. Every third row freezes its last factor, whose gradient must then stay
+  // undefined.
+  const auto cases = delta_cases();
+  for (size_t row = 0; row < cases.size(); ++row) {
+    const auto& c = cases[row];
+    const bool freeze_last = row % 3 == 2;
+    auto core = torch::randn(c.ranks, kF64).requires_grad_(true);
+    std::vector<Tensor> factors(c.shape.size());
+    for (size_t n = 0; n < c.shape.size(); ++n)
+      if (!c.identity[n]) factors[n] = torch::randn({c.shape[n], c.ranks[n]}, kF64).requires_grad_(true);
+    int64_t frozen = -1;
+    for (size_t n = 0; n < factors.size(); ++n)
+      if (factors[n].defined()) frozen = static_cast<int64_t>(n);
+    if (freeze_last && frozen >= 0) factors[static_cast<size_t>(frozen)].requires_grad_(false);
+    const auto weights = torch::randn(c.shape, kF64);
+    auto grads_of = [&](const Tensor& dw) {
+      std::vector<Tensor> inputs{core};
+      for (const auto& u : factors)
+        if (u.defined() && u.requires_grad()) inputs.push_back(u);
+      return torch::autograd::grad({(dw * weights).sum()}, inputs);
+    };
+    const auto got = grads_of(F::tucker_delta(core, factors, 0.37));
+    const auto want = grads_of(einsum_delta(core, factors, 0.37));
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_LT(max_abs_diff(got[i], want[i]), 1e-10) << flora::format_shape(c.shape) << " input " << i;
+    if (freeze_last && frozen >= 0) {
+      F::tucker_delta(core, factors, 0.37).sum().backward();
+      EXPECT_FALSE(factors[static_cast<size_t>(frozen)].grad().defined()) << flora::format_shape(c.shape);
+    }
+  }
+}
+
+TEST(TuckerDelta, RefusesDoubleBackwardWithAClearError) {
+  auto core = torch::randn({2, 3}, kF64).requires_grad_(true);
+  auto u = torch::randn({4, 2}, kF64).requires_grad_(true);
+  auto dw = F::tucker_delta(core, {u, Tensor()}, 1.0);
+  try {
+    torch::autograd::grad({dw.sum()}, {core}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+    FAIL() << "double backward did not throw";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("double backward"), std::string::npos) << e.what();
   }
 }
 
@@ -245,7 +299,15 @@ TEST(ConvBranch, EqualsConvolutionWithDenseDelta) {
       {"pointwise-conv1d", {2, 5, 9}, {3, 5, 1}, {2, 3, 1}, {}, {{2}, {0}, {1}, 1, PM::Zeros}},
       {"conv1d", {2, 3, 11}, {5, 3, 4}, {2, 2, 2}, {}, {{3}, {2}, {2}, 1, PM::Zeros}},
       {"conv3d", {1, 2, 5, 4, 6}, {3, 2, 3, 2, 3}, {2, 2, 2, 1, 2}, {}, {{1, 2, 1}, {1, 0, 1}, {1, 1, 2}, 1, PM::Zeros}},
+      // kernel no larger than its stride: U_in folded into the core conv (flora::fold_input_factor)
+      {"patchify-folded", {2, 6, 8, 8}, {8, 6, 2, 2}, {3, 3, 2, 2}, {}, {{2, 2}, {0, 0}, {1, 1}, 1, PM::Zeros}},
+      {"patchify-folded-grouped", {2, 6, 8, 8}, {6, 3, 2, 2}, {2, 2, 2, 2}, {}, {{2, 2}, {0, 0}, {1, 1}, 2, PM::Zeros}},
+      {"stem-folded-identity-out", {1, 3, 8, 8}, {5, 3, 4, 4}, {5, 3, 2, 2}, {true, false, false, false}, {{4, 4}, {0, 0}, {1, 1}, 1, PM::Zeros}},
   };
+  // The rows above that must take the folded branch, and one that must not (guards the rows' intent).
+  EXPECT_TRUE(flora::fold_input_factor(6, 1, 3, 3, 4, 64, 16));
+  EXPECT_TRUE(flora::fold_input_factor(6, 2, 2, 2, 4, 64, 16));
+  EXPECT_FALSE(flora::fold_input_factor(5, 1, 2, 3, 9, 49, 49));
   for (const auto& c : cases) {
     std::vector<bool> identity = c.identity.empty() ? std::vector<bool>(c.w_shape.size(), false) : c.identity;
     auto core = torch::randn(c.ranks, kF64);

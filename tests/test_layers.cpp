@@ -490,6 +490,38 @@ TEST(FloraConv, CostModelEstimatesSeparableForDepthwiseOnlyAndAutoLeavesItOptIn)
   EXPECT_EQ(big->path_costs({16, 96, 56, 56}, true, true).choice, ConvPath::Separable);
 }
 
+TEST(FloraConv, FactorizedBranchFoldsTheInputFactorExactlyWhereThatIsLessWork) {
+  // fold_input_factor against the multiply-adds it compares, on the shapes it was made for
+  // (batch cancels): {in, groups, r_in, r_out, kernel elements, input pixels, output pixels, folds}.
+  struct Row { int64_t in, groups, r_in, r_out, k; double p_in, p_out; bool folds; };
+  const std::vector<Row> rows = {
+      {96, 1, 16, 16, 4, 256, 64, true},     // ConvNeXt 2x2/2 downsampling: LoRA's shape
+      {3, 1, 3, 16, 16, 4096, 256, true},    // ConvNeXt 4x4/4 stem
+      {64, 1, 16, 16, 1, 256, 64, true},     // ResNet 1x1/2 downsample
+      {64, 1, 4, 32, 1, 256, 256, false},    // 1x1 with r_out >> r_in: the two steps are cheaper
+      {64, 1, 16, 16, 9, 256, 256, false},   // ResNet 3x3/1
+      {64, 1, 16, 16, 9, 256, 64, false},    // ResNet 3x3/2
+      {3, 1, 3, 16, 49, 4096, 1024, true},   // ResNet 7x7/2 stem (in 3: the 1x1 saves nothing)
+      {8, 2, 2, 2, 4, 64, 16, true},         // grouped 2x2/2
+  };
+  for (const auto& r : rows) {
+    const double folded = r.p_out * r.groups * r.r_out * (r.in / r.groups) * r.k;
+    const double unfolded = r.p_in * r.in * r.r_in + r.p_out * r.groups * r.r_out * r.r_in * r.k;
+    EXPECT_EQ(folded <= unfolded, r.folds) << "in " << r.in << " k " << r.k;  // the rows' premise
+    EXPECT_EQ(flora::fold_input_factor(r.in, r.groups, r.r_in, r.r_out, r.k, r.p_in, r.p_out), r.folds)
+        << "in " << r.in << " k " << r.k;
+  }
+  // The cost model charges the folded branch: ConvNeXt's downsampling at 16x16 -> 8x8, batch 16,
+  // costs exactly the folded conv and the 1x1 (3 passes each) plus their traffic, no step 1.
+  flora::nn::Conv2d down(torch::nn::Conv2dOptions(96, 192, 2).stride(2));
+  down->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
+  const auto folded = down->path_costs({16, 96, 16, 16}, true, true);
+  flora::nn::Conv2d same(torch::nn::Conv2dOptions(96, 192, 2).stride(2));
+  same->add_adapter("default", AdapterOptions().method(Method::Lora).rank(16));
+  const auto lora = same->path_costs({16, 96, 16, 16}, true, true);
+  EXPECT_DOUBLE_EQ(folded.factorized, lora.factorized) << "folded FLoRA and PEFT LoRA run the same two convs";
+}
+
 // ---------------------------------------------------------------------------------------------
 // Behaviour that is specific to one layer kind.
 

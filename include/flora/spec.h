@@ -210,6 +210,15 @@ struct ConvPathCosts {
 /// The documented cost model (docs/DESIGN.md, "Choosing a conv path").
 ConvPathCosts conv_path_costs(const AdapterSpec& spec, const ConvCostInput& in);
 
+/// Whether the factorized conv branch folds U_in into its core conv: one conv of in/groups ->
+/// r_0 channels per group, instead of a 1x1 (in -> r_1) and a core conv (r_1 -> r_0). It does
+/// when that takes no more multiply-adds: p_out r_0 (in/groups) K <= p_in in r_1 + p_out r_0 r_1 K
+/// (p: pixels per image, K: kernel elements). Always for 1x1 kernels at equal ranks; also for
+/// kernels no larger than their stride, where the 1x1 would run at the full input resolution
+/// (ConvNeXt's 2x2/2 downsampling and 4x4/4 stem), which makes the branch LoRA's shape.
+bool fold_input_factor(int64_t in_channels, int64_t groups, int64_t r_in, int64_t r_out, int64_t kernel_elements,
+                       double in_pixels, double out_pixels);
+
 /// True when ConvPath::Separable applies to the target: a 2-d conv ([out, in/groups, kh, kw])
 /// with in/groups == 1 (depthwise, or a single input channel).
 bool separable_applies(const TargetInfo& target);
