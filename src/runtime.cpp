@@ -4,6 +4,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -36,7 +37,16 @@ int configure_threads(int requested) {
   }
   if (n <= 0) n = 1;
   at::set_num_threads(n);
+  // OpenBLAS keeps its own thread pool, sized to the cores, which at::set_num_threads does not
+  // reach: with --threads 1 its GEMMs still ran a second thread (a step's CPU time was twice its
+  // wall time). Looked up at run time, so other BLAS libraries (and MKL builds) are unaffected.
+  if (auto set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set(n);
   return n;
+}
+
+int blas_threads() {
+  if (auto get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"))) return get();
+  return -1;
 }
 
 namespace {

@@ -44,6 +44,19 @@ long faults_of_three_rounds() {
 // The CPU block cache, against the page faults it exists to remove and its own counters. Once
 // installed it stays LibTorch's CPU allocator for the rest of this process: every later test
 // runs on it.
+TEST(Runtime, ThreadCountReachesOpenBlasPool) {
+  // OpenBLAS (Debian's libopenblas0-pthread, which .ci installs) sizes its own pool to the
+  // cores; configure_threads must set it too, or --threads 1 still runs GEMMs on two threads.
+  const int before = at::get_num_threads();
+  if (flora::blas_threads() < 0) GTEST_SKIP() << "the BLAS in use is not OpenBLAS";
+  for (int n : {1, 2, 1}) {
+    EXPECT_EQ(flora::configure_threads(n), n);
+    EXPECT_EQ(at::get_num_threads(), n);
+    EXPECT_EQ(flora::blas_threads(), n);
+  }
+  flora::configure_threads(before);
+}
+
 TEST(Runtime, CpuBlockCacheReusesFreedBlocksAndTrimsToItsLimit) {
   setenv("FLORA_CPU_CACHE_MB", "x", 1);
   EXPECT_THROW(flora::configure_allocator(), flora::InvalidArgument);

@@ -8,7 +8,10 @@ namespace flora {
 
 /// Sets LibTorch's intra-op threads: `requested` if > 0, else OMP_NUM_THREADS if set, else the
 /// hardware concurrency (Debian's LibTorch otherwise starts with 1 thread). Returns the count.
+/// OpenBLAS's own thread pool, when OpenBLAS is the BLAS, is set to the same count.
 int configure_threads(int requested = 0);
+/// OpenBLAS's thread count, or -1 when the BLAS in use is not OpenBLAS.
+int blas_threads();
 
 /// What the CPU block cache holds and has done (all zero until configure_allocator installs it).
 struct CpuCacheStats {

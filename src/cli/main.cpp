@@ -160,6 +160,7 @@ int run_doctor() {
   auto a = torch::randn({n, n});
   a.mm(a);  // warm up (loads the BLAS)
   std::cout << "BLAS library: " << loaded_blas() << "\n";
+  if (flora::blas_threads() > 0) std::cout << "BLAS threads: " << flora::blas_threads() << " (set with the intra-op threads)\n";
   double best = 1e30;
   for (int i = 0; i < 3; ++i) {
     auto t0 = std::chrono::steady_clock::now();
