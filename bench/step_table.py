@@ -5,6 +5,7 @@ reported as ratios to the frozen step measured in the same round (the median ove
 
     /usr/bin/python3 bench/step_table.py [--models resnet18,resnet50,convnext_tiny,vit_s_16]
                                          [--rounds 2] [--steps 10] [--flora build/bin/flora]
+                                         [--threads N] [--memory-format auto|channels-last|contiguous]
 
 Methods: frozen (forward + input gradient), full, lora (rank 16), flora (ranks 16,16,2,2), and
 flora through TorchScript (the same torchvision model scripted by PyTorch, adapters by the
@@ -31,8 +32,10 @@ def script_model(arch, path, image_size):
 
 
 def bench(flora, model, method, extra, a, env=None):
-    cmd = [flora, "bench", "step", "--model", model, "--method", method, "--batch-size", str(a.batch_size),
-           "--image-size", str(a.image_size), "--steps", str(a.steps), "--warmup", "2", "--json"] + extra
+    threads = ["--threads", str(a.threads)] if a.threads else []
+    cmd = [flora] + threads + ["bench", "step", "--model", model, "--method", method, "--batch-size", str(a.batch_size),
+                               "--image-size", str(a.image_size), "--steps", str(a.steps), "--warmup", "2",
+                               "--memory-format", a.memory_format, "--json"] + extra
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, **(env or {}))).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -46,6 +49,8 @@ def main():
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--flora", default="build/bin/flora")
     ap.add_argument("--json-out", default="")
+    ap.add_argument("--threads", type=int, default=0, help="flora --threads N (0: flora's default)")
+    ap.add_argument("--memory-format", default="auto", help="bench step --memory-format")
     ap.add_argument("--cache-ab", action="store_true", help="add frozen and flora without the CPU block cache")
     a = ap.parse_args()
     t0 = time.time()
@@ -71,7 +76,8 @@ def main():
         rows[arch] = runs
         os.remove(pt)
     print(f"\nbatch {a.batch_size}, {a.image_size}x{a.image_size}, {a.steps} timed steps x {a.rounds} rounds, "
-          f"{rows[next(iter(rows))]['frozen'][0]['threads']} threads; {time.time() - t0:.0f} s\n")
+          f"{rows[next(iter(rows))]['frozen'][0]['threads']} threads, "
+          f"{rows[next(iter(rows))]['frozen'][0]['memory_format']}; {time.time() - t0:.0f} s\n")
     print("| model | method | trainable | median step s | x frozen | peak RSS MB | x frozen | conv paths |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for arch, runs in rows.items():

@@ -296,6 +296,15 @@ void Model::unfreeze_all() {
   for (auto& [name, p] : named_parameters()) p.requires_grad_(true);
 }
 
+void Model::set_channels_last(bool on) {
+  for (auto& [name, p] : named_parameters()) {
+    if (p.dim() != 4 && p.dim() != 5) continue;
+    const auto format = !on ? at::MemoryFormat::Contiguous
+                            : p.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+    if (!p.is_contiguous(format)) p.set_data(p.detach().contiguous(format));
+  }
+}
+
 std::vector<std::pair<std::string, torch::Tensor>> Model::trainable_parameters() const {
   std::vector<std::pair<std::string, torch::Tensor>> out;
   std::unordered_set<const void*> seen;

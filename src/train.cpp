@@ -128,7 +128,7 @@ const std::map<std::string, Key>& keys() {
       DBL_KEY(clip_grad), STR_KEY(schedule), INT_KEY(warmup_steps), STR_KEY(precision), BOOL_KEY(update_batchnorm),
       {"seed", {[](TrainConfig& c, const std::string& v) { c.seed = static_cast<uint64_t>(to_int("seed", v)); },
                 [](const TrainConfig& c) { return std::to_string(c.seed); }}},
-      STR_KEY(device), STR_KEY(out), BOOL_KEY(resume), INT_KEY(log_every), INT_KEY(checkpoint_every), DBL_KEY(dist_timeout),
+      STR_KEY(device), STR_KEY(memory_format), STR_KEY(out), BOOL_KEY(resume), INT_KEY(log_every), INT_KEY(checkpoint_every), DBL_KEY(dist_timeout),
   };
   return k;
 }
@@ -415,6 +415,8 @@ void TrainConfig::validate() const {
   if (!one_of(schedule, {"constant", "linear", "cosine"})) bad_value("schedule", schedule, "constant, linear or cosine");
   if (!one_of(precision, {"fp32", "bf16"})) bad_value("precision", precision, "fp32 or bf16");
   if (!one_of(device, {"cpu", "cuda"})) bad_value("device", device, "cpu or cuda");
+  if (!one_of(memory_format, {"auto", "channels-last", "contiguous"}))
+    bad_value("memory_format", memory_format, "auto, channels-last or contiguous");
   if (device == "cuda" && !torch::cuda::is_available())
     throw InvalidArgument("device 'cuda' requested but LibTorch sees no CUDA device (hint: --device cpu, or a CUDA build of LibTorch)");
   if (rank < 1) bad_value("rank", std::to_string(rank), ">= 1");
@@ -658,7 +660,14 @@ InjectionReport prepare_model(Model& model, const TrainConfig& c) {
   }
   if (c.num_classes > 0) model.train_modules({model.head_name()});  // inject froze it; trained fully
   if (!c.train_modules.empty()) model.train_modules(c.train_modules);
+  model.set_channels_last(use_channels_last(c));
   return report;
+}
+
+bool use_channels_last(const TrainConfig& c) {
+  if (!one_of(c.memory_format, {"auto", "channels-last", "contiguous"}))
+    bad_value("memory_format", c.memory_format, "auto, channels-last or contiguous");
+  return c.memory_format == "channels-last" || (c.memory_format == "auto" && c.device == "cpu");
 }
 
 int run_training(const TrainConfig& c) {

@@ -5,12 +5,17 @@
 #include <torch/torch.h>
 
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
+#include <functional>
+#include <map>
 #include <set>
 
 #include "flora/data.h"
+#include "flora/io/safetensors.h"
 #include "flora/model.h"
 #include "flora/procedural.h"
 #include "flora/runtime.h"
@@ -310,4 +315,100 @@ TEST(Train, PrepareModelTrainsWhatTheMethodSays) {
   int64_t all = 0;
   for (const auto& [n, p] : m->named_parameters()) all += p.numel();
   EXPECT_EQ(count("full").second, all - (128 * 10 + 10) + head);
+}
+
+// memory_format: channels-last stores the conv weights NHWC and changes nothing else. Each row
+// prepares the same model twice (contiguous and channels-last), gives both the same non-zero
+// adapter tensors, and compares outputs, trainable gradients, the merged state dict and a merged
+// .safetensors file written from the channels-last model (its writer must not copy NHWC bytes
+// as if they were NCHW).
+TEST(Train, ChannelsLastChangesOnlyTheLayout) {
+  struct Row {
+    std::string model, method;
+    int64_t image;
+  };
+  const std::vector<Row> rows = {{"smallcnn", "flora", 16}, {"smallcnn", "lora", 16}, {"smallcnn", "full", 16},
+                                 {"resnet18", "flora", 32}, {"convnext_tiny", "flora", 32}};
+  const auto dir = std::filesystem::temp_directory_path() / ("flora_cl_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  for (const auto& r : rows) {
+    SCOPED_TRACE(r.model + " " + r.method);
+    auto make = [&](const std::string& format) {
+      torch::manual_seed(3);
+      auto c = flora::train::load_config("", {"model=" + r.model, "method=" + r.method, "memory_format=" + format});
+      auto m = flora::open_model(r.model);
+      flora::train::prepare_model(*m, c);
+      torch::manual_seed(4);
+      torch::NoGradGuard g;
+      // adapters off their zero init; drawn contiguous (normal_ on an NHWC tensor fills it in memory order)
+      for (auto& [n, p] : m->trainable_parameters()) p.copy_(torch::randn(p.sizes()) * 0.05);
+      m->train(true);
+      return m;
+    };
+    auto plain = make("contiguous"), nhwc = make("channels-last");
+    int64_t convs = 0;
+    for (const auto& [n, p] : nhwc->named_parameters())
+      if (p.dim() == 4) {
+        ++convs;
+        EXPECT_TRUE(p.is_contiguous(at::MemoryFormat::ChannelsLast)) << n;
+      }
+    EXPECT_GT(convs, 0);
+    for (const auto& [n, p] : plain->named_parameters()) EXPECT_TRUE(p.is_contiguous()) << n;
+
+    const auto x = torch::randn({2, 3, r.image, r.image});
+    const auto y = torch::tensor({1, 0}, torch::kLong);
+    auto step = [&](flora::Model& m) {
+      auto out = m.forward(x);
+      torch::nn::functional::cross_entropy(out, y).backward();
+      return out.detach();
+    };
+    const auto out_plain = step(*plain), out_nhwc = step(*nhwc);
+    EXPECT_LT(max_abs_diff(out_plain, out_nhwc), 1e-4 * (1 + out_plain.abs().max().item<double>()));
+    const auto tp = plain->trainable_parameters(), tn = nhwc->trainable_parameters();
+    ASSERT_EQ(tp.size(), tn.size());
+    for (size_t i = 0; i < tp.size(); ++i) {
+      ASSERT_EQ(tp[i].first, tn[i].first);
+      const auto gp = tp[i].second.grad(), gn = tn[i].second.grad();
+      ASSERT_TRUE(gp.defined() && gn.defined()) << tp[i].first;
+      EXPECT_LT(max_abs_diff(gp, gn), 1e-4 * (1 + gp.abs().max().item<double>())) << tp[i].first;
+    }
+
+    if (r.method != "full") {
+      const auto file = (dir / (r.model + "_" + r.method + ".safetensors")).string();
+      nhwc->save_merged(file);
+      plain->merge();
+      std::map<std::string, torch::Tensor> saved;
+      for (const auto& [n, t] : flora::io::SafetensorsFile(file).load_all()) saved[n] = t;
+      const auto expected = plain->state_dict();
+      ASSERT_EQ(saved.size(), expected.size());
+      for (const auto& [n, t] : expected) {
+        ASSERT_TRUE(saved.count(n)) << n;
+        EXPECT_LT(max_abs_diff(saved[n], t), 1e-6) << n;
+      }
+    }
+    nhwc->set_channels_last(false);
+    for (const auto& [n, p] : nhwc->named_parameters()) EXPECT_TRUE(p.is_contiguous()) << n;
+  }
+  std::filesystem::remove_all(dir);
+
+  flora::train::TrainConfig c;
+  EXPECT_TRUE(flora::train::use_channels_last(c));  // auto, on the CPU
+  c.memory_format = "contiguous";
+  EXPECT_FALSE(flora::train::use_channels_last(c));
+  c.memory_format = "nhwc";
+  auto error_of = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const flora::InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const auto e = error_of([&] { flora::train::use_channels_last(c); });
+  EXPECT_NE(e.find("memory_format"), std::string::npos) << e;
+  EXPECT_NE(e.find("'nhwc'"), std::string::npos) << e;
+  const auto v = error_of([] {
+    flora::train::load_config("", {"model=smallcnn", "data=procedural:shapes", "memory_format=nhwc"}).validate();
+  });
+  EXPECT_NE(v.find("memory_format"), std::string::npos) << v;
 }

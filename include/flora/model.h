@@ -54,6 +54,12 @@ class Model {
   std::vector<std::string> train_modules(const std::vector<std::string>& names);
   /// Every parameter trainable (full fine-tuning).
   void unfreeze_all();
+  /// Stores every 4-d base parameter (Conv2d weights) channels-last (NHWC) and every 5-d one
+  /// channels-last-3d, or back to contiguous (NCHW) when `on` is false; values, names and shapes
+  /// are unchanged. oneDNN then runs the convolutions on NHWC activations without its layout
+  /// reorders, which also makes the small convolutions of an adapter branch cheap
+  /// (docs/PERFORMANCE.md). Adapter tensors keep their layout.
+  void set_channels_last(bool on);
   /// Trainable tensors: adapters, plus base parameters made trainable.
   std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters() const;
   /// Applies a saved run's adapter directory: its fully trained tensors

@@ -60,6 +60,7 @@ struct TrainConfig {
   bool update_batchnorm = false;
   uint64_t seed = 0;
   std::string device = "cpu";
+  std::string memory_format = "auto"; ///< auto (channels-last on CPU) | channels-last | contiguous: conv weights' layout
   // run
   std::string out;
   bool resume = false;
@@ -72,6 +73,10 @@ struct TrainConfig {
   /// YAML of every key, as written to RUN_DIR/config.yaml.
   std::string to_yaml() const;
 };
+
+/// Whether `c` stores conv weights channels-last: its memory_format, where auto means channels-last
+/// on the CPU (measured faster there, docs/PERFORMANCE.md) and contiguous elsewhere.
+bool use_channels_last(const TrainConfig& c);
 
 /// Applies `key=value` (also `key: value` YAML scalars; '-' and '_' are the same in keys).
 void apply_override(TrainConfig& c, const std::string& key, const std::string& value);

@@ -34,6 +34,7 @@ namespace {
 
 struct StepArgs {
   std::string model, weights, method = "flora", mode = "train", conv_path = "auto", targets, core = "full";
+  std::string memory_format = "auto";
   std::vector<int64_t> ranks, identity;
   int64_t rank = 8, batch_size = 16, image_size = 64, steps = 10, warmup = 2, num_classes = 0;
   double scale = 4.0, alpha = 16.0;
@@ -79,6 +80,7 @@ struct Stepper {
     c.identity = a.identity;
     c.targets = a.targets;
     c.num_classes = a.num_classes;
+    c.memory_format = a.memory_format;
     torch::manual_seed(0);
     model = open_model(a.model);
     if (!a.weights.empty()) model->load_state(io::SafetensorsFile(a.weights).load_all(), /*strict=*/true);
@@ -132,6 +134,9 @@ int run_step(const StepArgs& a) {
   if (a.mode != "train" && a.mode != "infer") throw InvalidArgument("--mode '" + a.mode + "' is unknown (expected train or infer)");
   if (a.conv_path != "auto" && a.conv_path != "merged" && a.conv_path != "factorized" && a.conv_path != "separable")
     throw InvalidArgument("--conv-path '" + a.conv_path + "' is unknown (expected auto, merged, factorized or separable)");
+  train::TrainConfig layout;  // validates --memory-format before any model is built
+  layout.memory_format = a.memory_format;
+  const std::string memory_format = train::use_channels_last(layout) ? "channels-last" : "contiguous";
 
   Stepper main(a, a.method);
   std::unique_ptr<Stepper> base;
@@ -197,6 +202,7 @@ int run_step(const StepArgs& a) {
                         {"image_size", a.image_size},
                         {"steps", a.steps},
                         {"threads", torch::get_num_threads()},
+                        {"memory_format", memory_format},
                         {"median_step_s", med},
                         {"mean_step_s", mean},
                         {"min_step_s", *std::min_element(times.begin(), times.end())},
@@ -212,9 +218,9 @@ int run_step(const StepArgs& a) {
     if (base) j["against"] = {{"method", a.against}, {"median_ratio", median(ratios)}};
     std::cout << j.dump() << "\n";
   } else {
-    std::printf("%s %s (%s): median step %.4f s (mean %.4f, %lld steps after %lld warm-up), peak RSS %.0f MB (%.0f MB before "
+    std::printf("%s %s (%s, %s): median step %.4f s (mean %.4f, %lld steps after %lld warm-up), peak RSS %.0f MB (%.0f MB before "
                 "the first step), %s trainable",
-                a.model.c_str(), a.method.c_str(), a.mode.c_str(), med, mean, (long long)a.steps, (long long)a.warmup, peak,
+                a.model.c_str(), a.method.c_str(), a.mode.c_str(), memory_format.c_str(), med, mean, (long long)a.steps, (long long)a.warmup, peak,
                 base_rss, format_count(trainable).c_str());
     for (const auto& [p, n] : paths) std::printf(", %lld adapted layer(s) %s", (long long)n, p.c_str());
     std::printf("\n");
@@ -247,6 +253,8 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
                                          "(default: every conv and linear but the head)");
   c->add_option("--conv-path", a->conv_path, "auto (cost model), merged, factorized or separable (only depthwise Conv2d: restrict --targets to them, e.g. '.*block\\.0' on ConvNeXt)")->capture_default_str();
   c->add_option("--num-classes", a->num_classes, "New head with K classes (0: keep the model's)")->capture_default_str();
+  c->add_option("--memory-format", a->memory_format, "Conv weights' layout, as flora train: auto (channels-last on cpu), "
+                 "channels-last or contiguous")->capture_default_str();
   c->add_option("--batch-size", a->batch_size, "Batch size")->capture_default_str()->check(CLI::PositiveNumber);
   c->add_option("--image-size", a->image_size, "Image size (PX x PX, 3 channels)")->capture_default_str()->check(CLI::PositiveNumber);
   c->add_option("--steps", a->steps, "Timed steps")->capture_default_str()->check(CLI::PositiveNumber);

@@ -62,6 +62,7 @@ const Flag kFlags[] = {
     {"update_batchnorm", "Update BatchNorm statistics (default: kept fixed)"},
     {"seed", "Random seed (data order, augmentation, initialization)"},
     {"device", "cpu or cuda"},
+    {"memory_format", "Conv weights' layout: auto (channels-last on cpu), channels-last or contiguous"},
     {"out", "Run directory"},
     {"log_every", "Log a metrics line every N steps"},
     {"checkpoint_every", "Checkpoint every N steps (0: each epoch)"},

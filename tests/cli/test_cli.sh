@@ -112,6 +112,13 @@ assert j["against"]["method"] == "frozen" and j["against"]["median_ratio"] > 0, 
 assert j["adapter_params"] > 0 and sum(j["conv_paths"].values()) == 5, j
 ' "$out"; then pass=$((pass + 1)); else echo "FAIL bench step --against: $out"; fail=$((fail + 1)); fi
 check "bench bad model"   2 "neither a TorchScript"  -- bench step --model resnet999
+check "bench bad layout"  2 "'memory_format': 'nhwc' is invalid" -- bench step --model smallcnn --memory-format nhwc
+# the layout each run used: channels-last by default on the CPU, contiguous when asked
+for row in "auto|channels-last" "contiguous|contiguous" "channels-last|channels-last"; do
+  IFS='|' read -r f want <<<"$row"
+  out=$("$flora" bench step --model smallcnn --memory-format $f --batch-size 2 --image-size 16 --steps 1 --warmup 0 --json 2>&1)
+  if [[ $out == *"\"memory_format\":\"$want\""* ]]; then pass=$((pass + 1)); else echo "FAIL bench layout $f: $out"; fail=$((fail + 1)); fi
+done
 
 echo "cli: $pass passed, $fail failed"
 [[ $fail -eq 0 ]]
