@@ -415,8 +415,7 @@ void TrainConfig::validate() const {
   if (!one_of(schedule, {"constant", "linear", "cosine"})) bad_value("schedule", schedule, "constant, linear or cosine");
   if (!one_of(precision, {"fp32", "bf16"})) bad_value("precision", precision, "fp32 or bf16");
   if (!one_of(device, {"cpu", "cuda"})) bad_value("device", device, "cpu or cuda");
-  if (!one_of(memory_format, {"auto", "channels-last", "contiguous"}))
-    bad_value("memory_format", memory_format, "auto, channels-last or contiguous");
+  use_channels_last(*this);  // checks memory_format
   if (device == "cuda" && !torch::cuda::is_available())
     throw InvalidArgument("device 'cuda' requested but LibTorch sees no CUDA device (hint: --device cpu, or a CUDA build of LibTorch)");
   if (rank < 1) bad_value("rank", std::to_string(rank), ">= 1");

@@ -155,8 +155,8 @@ int run_step(const StepArgs& a) {
   for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
     if (s == a.warmup && !a.profile.empty())
       profiler = std::make_unique<torch::autograd::profiler::RecordProfile>(trace_tmp);
-    // The baseline goes first in even pairs and second in odd ones: whichever model steps second
-    // in a pair measured about 0.4 % slower (ConvNeXt-tiny, FLoRA against LoRA in both orders).
+    // The baseline goes first in even pairs and second in odd ones: with the baseline always
+    // first, the ratios differed by 1 to 2 % from those of the other order (docs/PERFORMANCE.md).
     double base_dt = 0;
     auto step_base = [&] {
       const auto b0 = std::chrono::steady_clock::now();
