@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "flora/spec.h"
+
 namespace flora_test {
 
 inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
@@ -17,6 +19,17 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
 inline void randomize(const std::vector<torch::Tensor>& params, double std = 0.8) {
   torch::NoGradGuard g;
   for (auto p : params) p.normal_(0.0, std);
+}
+
+/// The message of the E that `f` throws, or "no error" when it throws none.
+template <class E = flora::Error>
+std::string error_message(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  }
+  return "no error";
 }
 
 /// Compares d loss / d p from autograd with central differences (double precision) for every

@@ -421,14 +421,7 @@ TEST(FloraConv, SeparablePathUnderBf16AutocastMatchesMergedPath) {
 }
 
 TEST(FloraConv, SeparablePathRefusesConvsItCannotRunNamingLayerAndValues) {
-  auto message = [](const std::function<void()>& f) {
-    try {
-      f();
-    } catch (const flora::InvalidArgument& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
+  const auto message = flora_test::error_message<flora::InvalidArgument>;
   flora::nn::Conv2d dense(torch::nn::Conv2dOptions(6, 8, 3));
   dense->set_layer_name("features.3");
   auto m = message([&] { dense->add_adapter("default", AdapterOptions().ranks({4, 4, 2, 2}).conv_path(ConvPath::Separable)); });
@@ -617,14 +610,7 @@ TEST(FloraLayers, SummaryUsesPeftFormat) {
 }
 
 TEST(FloraLayers, BadInputNamesTheLayerAndValues) {
-  auto message = [](const std::function<void()>& f) {
-    try {
-      f();
-    } catch (const flora::Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
+  const auto message = flora_test::error_message<flora::Error>;
   auto m = message([] { flora::nn::Conv2d(torch::nn::Conv2dOptions(6, 4, 3).groups(4)); });
   EXPECT_NE(m.find("groups 4"), std::string::npos) << m;
   flora::nn::Conv2d conv(torch::nn::Conv2dOptions(8, 16, 3));

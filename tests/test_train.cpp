@@ -396,14 +396,7 @@ TEST(Train, ChannelsLastChangesOnlyTheLayout) {
   c.memory_format = "contiguous";
   EXPECT_FALSE(flora::train::use_channels_last(c));
   c.memory_format = "nhwc";
-  auto error_of = [](const std::function<void()>& f) {
-    try {
-      f();
-    } catch (const flora::InvalidArgument& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
+  const auto error_of = flora_test::error_message<flora::InvalidArgument>;
   const auto e = error_of([&] { flora::train::use_channels_last(c); });
   EXPECT_NE(e.find("memory_format"), std::string::npos) << e;
   EXPECT_NE(e.find("'nhwc'"), std::string::npos) << e;
