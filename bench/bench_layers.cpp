@@ -18,7 +18,7 @@
 
 namespace {
 
-enum class Variant { Frozen, Full, FloraAuto, FloraMerged, FloraFactorized, FloraSeparable, Lora };
+enum class Variant { Frozen, Full, FloraAuto, FloraMerged, FloraFactorized, FloraHybrid, FloraSeparable, Lora };
 const char* variant_name(Variant v) {
   switch (v) {
     case Variant::Frozen: return "frozen";
@@ -26,6 +26,7 @@ const char* variant_name(Variant v) {
     case Variant::FloraAuto: return "flora_auto";
     case Variant::FloraMerged: return "flora_merged";
     case Variant::FloraFactorized: return "flora_factorized";
+    case Variant::FloraHybrid: return "flora_hybrid";
     case Variant::FloraSeparable: return "flora_separable";
     case Variant::Lora: return "lora_r16";
   }
@@ -52,6 +53,7 @@ void prepare(flora::nn::AdaptableLayer& layer, Variant v, std::vector<int64_t> f
       auto path = v == Variant::FloraMerged       ? flora::ConvPath::Merged
                   : v == Variant::FloraFactorized ? flora::ConvPath::Factorized
                   : v == Variant::FloraSeparable  ? flora::ConvPath::Separable
+                  : v == Variant::FloraHybrid     ? flora::ConvPath::Hybrid
                                                   : flora::ConvPath::Auto;
       auto a = layer.add_adapter("a", flora::AdapterOptions().ranks(flora_ranks).conv_path(path));
       torch::NoGradGuard g;
@@ -162,7 +164,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
 
  private:
   static constexpr Variant kShown[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized,
-                                       Variant::FloraSeparable, Variant::Lora, Variant::Full};
+                                       Variant::FloraHybrid, Variant::FloraSeparable, Variant::Lora, Variant::Full};
   std::map<std::string, double> ratios_;
 };
 
@@ -172,7 +174,7 @@ int main(int argc, char** argv) {
   flora::configure_threads();
   flora::configure_allocator();  // as the flora command does (FLORA_MALLOC_TUNING=0 to compare without)
   const Variant all[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized,
-                         Variant::Lora, Variant::Full};
+                         Variant::FloraHybrid, Variant::Lora, Variant::Full};
   for (const auto& s : kConvShapes)
     for (auto v : all) {
       for (bool cl : {false, true}) {

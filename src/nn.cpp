@@ -7,6 +7,8 @@
 #include <sstream>
 #include <unordered_set>
 
+#include <ATen/autocast_mode.h>
+
 #include "flora/detail/compat.h"
 #include "flora/layers.h"
 
@@ -352,6 +354,7 @@ ConvPathCosts ConvImpl<D>::path_costs(const std::vector<int64_t>& shape, bool tr
   in.training = training;
   in.input_requires_grad = input_requires_grad;
   in.dropout = training && a->spec().dropout > 0.0;
+  in.autocast = at::autocast::is_cpu_enabled() || at::autocast::is_enabled();
   return conv_path_costs(a->spec(), in);
 }
 
@@ -364,6 +367,10 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& x) {
   const auto costs = path_costs(x.sizes().vec(), grads, x.requires_grad());
   last_path_ = costs.choice;
   const bool drop = is_training() && a->spec().dropout > 0.0;
+  if (costs.choice == ConvPath::Hybrid) {
+    if (grads) return F::hybrid_conv(x, weight, bias, a->core(), a->factors(), a->scale(), geo_);
+    last_path_ = ConvPath::Merged;  // without adapter gradients hybrid is the merged path (cached dW)
+  }
   if (costs.choice == ConvPath::Factorized)
     return F::conv_nd(x, weight, bias, geo_) +
            F::conv_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale(), geo_);

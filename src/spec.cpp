@@ -107,6 +107,7 @@ std::string to_string(ConvPath p) {
     case ConvPath::Merged: return "merged";
     case ConvPath::Factorized: return "factorized";
     case ConvPath::Separable: return "separable";
+    case ConvPath::Hybrid: return "hybrid";
   }
   return "?";
 }
@@ -138,7 +139,8 @@ ConvPath parse_conv_path(const std::string& s) {
   if (v == "merged") return ConvPath::Merged;
   if (v == "factorized") return ConvPath::Factorized;
   if (v == "separable") return ConvPath::Separable;
-  throw InvalidArgument("unknown conv path '" + s + "', expected auto, merged, factorized or separable");
+  if (v == "hybrid") return ConvPath::Hybrid;
+  throw InvalidArgument("unknown conv path '" + s + "', expected auto, merged, factorized, separable or hybrid");
 }
 
 std::vector<int64_t> AdapterSpec::core_param_shape() const {
@@ -165,7 +167,6 @@ AdapterSpec resolve_spec(const AdapterOptions& o, const TargetInfo& t) {
   s.method = o.method();
   s.target = t;
   s.conv_path = o.conv_path();
-  check_conv_path(t, s.conv_path);
   if (!(o.dropout() >= 0.0 && o.dropout() < 1.0))
     fail(t, "dropout " + std::to_string(o.dropout()) + " is outside [0, 1)", "");
   s.dropout = o.dropout();
@@ -173,6 +174,7 @@ AdapterSpec resolve_spec(const AdapterOptions& o, const TargetInfo& t) {
     s.dropout = 0.0;
     s.notes.push_back("dropout not applied: an Embedding's input is indices (as in PEFT)");
   }
+  check_conv_path(t, s.conv_path, s.dropout);
 
   if (o.method() == Method::Lora) {
     if (!o.ranks().empty())
@@ -320,7 +322,20 @@ bool separable_applies(const TargetInfo& t) {
   return t.kind == LayerKind::Conv && t.shape.size() == 4 && t.shape[1] == 1;
 }
 
-void check_conv_path(const TargetInfo& t, ConvPath path) {
+bool hybrid_applies(const TargetInfo& t) { return t.kind == LayerKind::Conv && t.groups == 1; }
+
+void check_conv_path(const TargetInfo& t, ConvPath path, double dropout) {
+  if (path == ConvPath::Hybrid) {
+    if (t.kind != LayerKind::Conv) return;  // a conv path means nothing to other layers
+    if (!hybrid_applies(t))
+      fail(t, "conv path 'hybrid' needs groups == 1, got groups " + std::to_string(t.groups),
+           "use conv path auto, merged or factorized for grouped convs; restrict --targets to the other convs to use hybrid on them");
+    if (dropout > 0.0)
+      fail(t, "conv path 'hybrid' runs one conv for the base and the update, so it cannot drop the adapter's input: dropout " +
+                  std::to_string(dropout) + ", expected 0",
+           "use conv path auto or factorized with dropout");
+    return;
+  }
   if (path != ConvPath::Separable || separable_applies(t)) return;
   std::ostringstream what;
   what << "conv path 'separable' needs a 2-d convolution with in_channels/groups == 1 (weight [out, 1, kh, kw]), got ";
@@ -415,6 +430,25 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
       c.separable = sv * (grad_in ? 4.0 : 3.0) + 4.0 * 3.0 * kMemCost * mix + 3.0 * sh + 2.0 * kMemCost * moved;
   }
 
+  // Hybrid (functional::hybrid_conv; groups 1, training, no active dropout): the base conv runs
+  // with Wm = W0 + dW at the frozen layer's own cost. Extra: the 1x1 projections x U_in and
+  // gy U_out, the core conv's weight gradient, its forward (for U_out's gradient) and input
+  // gradient (for U_in's), the two 1x1 weight gradients, and Wm built by GEMMs every step
+  // (r_0 K in r_1 + out r_0 K in multiply-adds), W0 read and Wm written. The r-channel
+  // tensors are charged as the factorized branch's are; there is no full-size add.
+  c.hybrid = std::numeric_limits<double>::infinity();
+  if (in.training && in.groups == 1 && !in.dropout && !in.autocast) {
+    const double cin = static_cast<double>(in.in_channels);
+    const double weight = out * cin * K;
+    const double proj_in = s.identity[1] ? 0.0 : p_in * cin * r_in;
+    const double proj_out = s.identity[0] ? 0.0 : p_out * out * r_out;
+    const double core_passes = 1.0 + (s.identity[0] ? 0.0 : 1.0) + (s.identity[1] ? 0.0 : 1.0);
+    const double build = (s.identity[1] ? 0.0 : r_out * K * cin * r_in) + (s.identity[0] ? 0.0 : weight * r_out);
+    const double moved = (s.identity[1] ? 0.0 : 2.0 * p_in * r_in) + (s.identity[0] ? 0.0 : 2.0 * p_out * r_out);
+    c.hybrid = 2.0 * proj_in + 2.0 * proj_out + core_passes * p_out * r_out * r_in * K + build +
+               kMemCost * (2.0 * weight + 2.0 * moved);
+  }
+
   if (s.conv_path != ConvPath::Auto) {
     c.choice = s.conv_path;
   } else {
@@ -422,6 +456,7 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
     // threads than this model can say (on ConvNeXt-tiny at 2 threads it measured 1.54x the frozen
     // step when merged measured 1.27x; docs/PERFORMANCE.md). It stays an explicit choice.
     c.choice = c.factorized < c.merged ? ConvPath::Factorized : ConvPath::Merged;
+    if (c.hybrid < std::min(c.factorized, c.merged)) c.choice = ConvPath::Hybrid;
   }
   return c;
 }

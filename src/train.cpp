@@ -409,8 +409,8 @@ void TrainConfig::validate() const {
     if (m < 0) bad_value("identity", join_ints(identity), "mode indices >= 0, e.g. 2,3 for Tucker-2 on a conv");
   if (method != "flora" && (core != "full" || !identity.empty()))
     bad_value(core != "full" ? "core" : "identity", core != "full" ? core : join_ints(identity), "only with method flora");
-  if (!one_of(conv_path, {"auto", "merged", "factorized", "separable"}))
-    bad_value("conv_path", conv_path, "auto, merged, factorized or separable");
+  if (!one_of(conv_path, {"auto", "merged", "factorized", "separable", "hybrid"}))
+    bad_value("conv_path", conv_path, "auto, merged, factorized, separable or hybrid");
   if (!one_of(augment, {"none", "default"})) bad_value("augment", augment, "none or default");
   if (!one_of(schedule, {"constant", "linear", "cosine"})) bad_value("schedule", schedule, "constant, linear or cosine");
   if (!one_of(precision, {"fp32", "bf16"})) bad_value("precision", precision, "fp32 or bf16");

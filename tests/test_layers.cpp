@@ -147,6 +147,7 @@ class Battery : public ::testing::TestWithParam<Row> {
     if (!GetParam().kind.is_conv) return {ConvPath::Auto};
     std::vector<ConvPath> p{ConvPath::Merged, ConvPath::Factorized};
     if (flora::separable_applies(layer->target_info())) p.push_back(ConvPath::Separable);
+    if (flora::hybrid_applies(layer->target_info())) p.push_back(ConvPath::Hybrid);
     return p;
   }
 
@@ -391,33 +392,38 @@ TEST_P(SeparableBattery, SeparablePathMatchesMergedWeight) {
 INSTANTIATE_TEST_SUITE_P(Depthwise, SeparableBattery, ::testing::ValuesIn(separable_rows()),
                          [](const ::testing::TestParamInfo<SeparableRow>& info) { return info.param.name; });
 
-TEST(FloraConv, SeparablePathUnderBf16AutocastMatchesMergedPath) {
-  // The trainer's --precision bf16 runs forward under CPU autocast and backward after it: the
-  // separable branch's hand-written backward must see one dtype (it stays in float32).
-  torch::manual_seed(3);
-  flora::nn::Conv2d conv(torch::nn::Conv2dOptions(8, 8, 7).groups(8).padding(3));
-  conv->add_adapter("default", AdapterOptions().ranks({4, 1, 2, 2}).init(flora::Init::LoraStyle));
+// The trainer's --precision bf16 runs forward under CPU autocast and backward after it: a path
+// with a hand-written backward must see one dtype (separable and hybrid stay in float32). Runs
+// `conv` on the merged path and on `path`, and compares outputs and adapter gradients to bf16's
+// ~3 significant digits.
+void expect_matches_merged_under_bf16_autocast(flora::nn::Conv2d& conv, const Tensor& x, ConvPath path) {
   auto a = conv->adapter();
-  const auto x = torch::randn({2, 8, 9, 9});
-  std::vector<std::vector<torch::Tensor>> grads;
-  std::vector<torch::Tensor> outs;
-  for (auto path : {ConvPath::Merged, ConvPath::Separable}) {
-    a->set_conv_path(path);
-    for (auto& p : a->parameters()) p.mutable_grad() = torch::Tensor();
+  std::vector<std::vector<Tensor>> grads;
+  std::vector<Tensor> outs;
+  for (auto p : {ConvPath::Merged, path}) {
+    a->set_conv_path(p);
+    for (auto& q : a->parameters()) q.mutable_grad() = Tensor();
     at::autocast::set_cpu_enabled(true);
     at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
     auto y = conv->forward(x);
     at::autocast::clear_cache();
     at::autocast::set_cpu_enabled(false);
-    ASSERT_NO_THROW(y.to(torch::kFloat32).pow(2).sum().backward()) << flora::to_string(path);
+    EXPECT_EQ(conv->last_path(), p);
+    ASSERT_NO_THROW(y.to(torch::kFloat32).pow(2).sum().backward()) << flora::to_string(p);
     outs.push_back(y.detach().to(torch::kFloat32));
     grads.emplace_back();
-    for (auto& p : a->parameters()) grads.back().push_back(p.grad().clone());
+    for (auto& q : a->parameters()) grads.back().push_back(q.grad().clone());
   }
-  // bf16 keeps ~3 significant digits: the two paths agree to that
   EXPECT_LT(max_abs_diff(outs[0], outs[1]), 5e-2 * outs[0].abs().max().item<double>());
   for (size_t k = 0; k < grads[0].size(); ++k)
     EXPECT_LT(max_abs_diff(grads[0][k], grads[1][k]), 5e-2 * (grads[0][k].abs().max().item<double>() + 1e-6)) << "parameter " << k;
+}
+
+TEST(FloraConv, SeparablePathUnderBf16AutocastMatchesMergedPath) {
+  torch::manual_seed(3);
+  flora::nn::Conv2d conv(torch::nn::Conv2dOptions(8, 8, 7).groups(8).padding(3));
+  conv->add_adapter("default", AdapterOptions().ranks({4, 1, 2, 2}).init(flora::Init::LoraStyle));
+  expect_matches_merged_under_bf16_autocast(conv, torch::randn({2, 8, 9, 9}), ConvPath::Separable);
 }
 
 TEST(FloraConv, SeparablePathRefusesConvsItCannotRunNamingLayerAndValues) {
@@ -473,7 +479,7 @@ TEST(FloraConv, CostModelEstimatesSeparableForDepthwiseOnlyAndAutoLeavesItOptIn)
   flora::nn::Conv2d wide(torch::nn::Conv2dOptions(256, 256, 3).padding(1));
   wide->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
   const auto w = wide->path_costs({16, 256, 14, 14}, true, true);
-  EXPECT_EQ(w.choice, ConvPath::Factorized);
+  EXPECT_NE(w.choice, ConvPath::Separable);
   EXPECT_TRUE(std::isinf(w.separable));
   flora::nn::Conv1d dw1d(torch::nn::Conv1dOptions(64, 64, 7).groups(64).padding(3));
   dw1d->add_adapter("default", AdapterOptions().ranks({16, 16, 2}).clip_ranks(true));
@@ -513,6 +519,233 @@ TEST(FloraConv, FactorizedBranchFoldsTheInputFactorExactlyWhereThatIsLessWork) {
   same->add_adapter("default", AdapterOptions().method(Method::Lora).rank(16));
   const auto lora = same->path_costs({16, 96, 16, 16}, true, true);
   EXPECT_DOUBLE_EQ(folded.factorized, lora.factorized) << "folded FLoRA and PEFT LoRA run the same two convs";
+}
+
+// ---------------------------------------------------------------------------------------------
+// The hybrid path (functional::hybrid_conv): merged-weight forward and input gradient, the
+// adapter's gradients from projections. Each row builds a float64 conv, runs merged, factorized
+// and hybrid on the same input, and compares outputs and every gradient (input, adapter, and the
+// weight and bias where a row trains them); rows marked fd also check finite differences.
+
+struct HybridRow {
+  std::string name;
+  std::function<std::shared_ptr<AdaptableLayer>()> make;
+  std::function<Tensor(AdaptableLayer&, const Tensor&)> forward;
+  std::vector<int64_t> input;
+  AdapterOptions adapter;
+  bool channels_last = false;  ///< weight and input in channels-last (3-d: ChannelsLast3d)
+  bool train_base = false;     ///< weight and bias trainable as well
+  bool fd = false;
+};
+
+template <size_t D>
+HybridRow hybrid_row(std::string name, torch::nn::ConvOptions<D> opt, std::vector<int64_t> input, AdapterOptions a,
+                     bool channels_last = false, bool train_base = false, bool fd = false) {
+  return {std::move(name),
+          [opt] { return std::make_shared<flora::nn::ConvImpl<D>>(opt); },
+          [](AdaptableLayer& l, const Tensor& x) { return static_cast<flora::nn::ConvImpl<D>&>(l).forward(x); },
+          std::move(input), std::move(a), channels_last, train_base, fd};
+}
+
+std::vector<HybridRow> hybrid_rows() {
+  using O2 = torch::nn::Conv2dOptions;
+  const auto flora = [](std::vector<int64_t> r) { return AdapterOptions().ranks(std::move(r)).scale(0.7); };
+  return {
+      hybrid_row<2>("k3_resnet_like", O2(6, 5, 3).padding(1), {2, 6, 7, 6}, flora({3, 3, 2, 2}), false, false, true),
+      hybrid_row<2>("k3_channels_last", O2(6, 5, 3).padding(1), {2, 6, 7, 6}, flora({3, 3, 2, 2}), true, false, true),
+      hybrid_row<2>("k3_stride2_dilation2_bias", O2(4, 6, 3).stride(2).padding(2).dilation(2), {2, 4, 9, 8},
+                    flora({2, 3, 2, 1}), false, false, true),
+      hybrid_row<2>("k3x5_asymmetric_channels_last", O2(5, 4, {3, 5}).padding({1, 2}).stride({1, 2}), {2, 5, 6, 9},
+                    flora({2, 3, 2, 3}), true),
+      hybrid_row<2>("k3_reflect_padding", O2(4, 4, 3).padding(1).padding_mode(torch::kReflect), {2, 4, 5, 6},
+                    flora({2, 2, 2, 2}), false, false, true),
+      hybrid_row<2>("k3_circular_padding_channels_last", O2(4, 4, 3).padding(1).padding_mode(torch::kCircular),
+                    {2, 4, 5, 6}, flora({2, 2, 2, 2}), true),
+      hybrid_row<2>("k1_stride2_downsample_no_bias", O2(6, 8, 1).stride(2).bias(false), {2, 6, 7, 7}, flora({3, 2, 1, 1})),
+      hybrid_row<2>("k2_stride2_convnext_downsample", O2(4, 6, 2).stride(2), {2, 4, 8, 8}, flora({3, 3, 2, 2}), true),
+      hybrid_row<2>("tucker2_identity_spatial_modes", O2(5, 4, 3).padding(1), {2, 5, 6, 6},
+                    AdapterOptions().ranks({2, 3, 3, 3}).identity_modes({false, false, true, true}).scale(0.7), false,
+                    false, true),
+      hybrid_row<2>("identity_output_mode", O2(5, 4, 3).padding(1), {2, 5, 6, 6},
+                    AdapterOptions().ranks({4, 2, 2, 2}).identity_modes({true, false, false, false}).scale(0.7), true),
+      hybrid_row<2>("identity_input_mode", O2(5, 4, 3).padding(1), {2, 5, 6, 6},
+                    AdapterOptions().ranks({2, 5, 2, 2}).identity_modes({false, true, false, false}).scale(0.7), false,
+                    false, true),
+      hybrid_row<2>("cp_core", O2(5, 4, 3).padding(1), {2, 5, 6, 6},
+                    AdapterOptions().ranks({2, 2, 2, 2}).core(flora::CoreKind::Diagonal).scale(0.7)),
+      hybrid_row<2>("lora_r2", O2(5, 4, 3).padding(1), {2, 5, 6, 6}, AdapterOptions().method(Method::Lora).rank(2).alpha(4),
+                    false, false, true),
+      hybrid_row<2>("lora_r2_channels_last", O2(5, 4, 3).padding(1).stride(2), {2, 5, 7, 6},
+                    AdapterOptions().method(Method::Lora).rank(2).alpha(4), true),
+      hybrid_row<2>("weight_and_bias_trainable_too", O2(4, 5, 3).padding(1), {2, 4, 5, 5}, flora({2, 2, 2, 2}), false, true),
+      hybrid_row<2>("weight_and_bias_trainable_channels_last", O2(4, 5, 3).padding(1), {2, 4, 5, 5}, flora({2, 2, 2, 2}),
+                    true, true),
+      hybrid_row<1>("conv1d_stride2", torch::nn::Conv1dOptions(3, 4, 3).stride(2).padding(1), {2, 3, 9}, flora({2, 2, 2}),
+                    false, false, true),
+      hybrid_row<3>("conv3d_channels_last", torch::nn::Conv3dOptions(2, 3, 2).stride({1, 2, 1}).padding(1), {1, 2, 4, 5, 4},
+                    flora({2, 2, 1, 2, 1}), true),
+  };
+}
+
+ConvPath last_path_of(AdaptableLayer& l) {
+  if (auto* c = dynamic_cast<flora::nn::ConvImpl<1>*>(&l)) return c->last_path();
+  if (auto* c = dynamic_cast<flora::nn::ConvImpl<2>*>(&l)) return c->last_path();
+  return dynamic_cast<flora::nn::ConvImpl<3>&>(l).last_path();
+}
+
+class HybridBattery : public ::testing::TestWithParam<HybridRow> {};
+
+TEST_P(HybridBattery, HybridPathMatchesMergedAndFactorizedPaths) {
+  torch::manual_seed(13);
+  const auto& row = GetParam();
+  auto layer = row.make();
+  layer->to(torch::kFloat64);
+  auto a = layer->add_adapter("default", row.adapter);
+  randomize(a->parameters());
+  auto x = torch::randn(row.input, torch::kFloat64);
+  if (row.channels_last) {
+    const auto fmt = x.dim() == 5 ? torch::MemoryFormat::ChannelsLast3d : torch::MemoryFormat::ChannelsLast;
+    torch::NoGradGuard g;
+    layer->weight.set_data(layer->weight.contiguous(fmt));
+    x = x.contiguous(fmt);
+    ASSERT_FALSE(layer->weight.is_contiguous());
+  }
+  x.requires_grad_(true);
+  std::vector<Tensor> trained = a->parameters();
+  if (row.train_base) {
+    layer->weight.requires_grad_(true);
+    trained.push_back(layer->weight);
+    if (layer->bias.defined()) layer->bias.requires_grad_(true), trained.push_back(layer->bias);
+  }
+  const Tensor w0 = layer->weight.detach().clone();
+  auto probe = torch::randn_like(row.forward(*layer, x));
+  std::vector<Tensor> outs, grads;
+  for (auto path : {ConvPath::Merged, ConvPath::Factorized, ConvPath::Hybrid}) {
+    a->set_conv_path(path);
+    for (auto& p : trained) p.mutable_grad() = Tensor();
+    x.mutable_grad() = Tensor();
+    auto y = row.forward(*layer, x);
+    EXPECT_EQ(last_path_of(*layer), path);
+    (y * probe).sum().backward();
+    outs.push_back(y.detach());
+    std::vector<Tensor> flat{x.grad().reshape(-1)};
+    for (auto& p : trained) {
+      EXPECT_TRUE(p.grad().defined()) << flora::to_string(path);
+      flat.push_back(p.grad().reshape(-1));
+    }
+    grads.push_back(torch::cat(flat));
+  }
+  for (size_t i : {size_t{1}, size_t{2}}) {
+    ASSERT_EQ(outs[0].sizes(), outs[i].sizes());
+    EXPECT_LT(max_abs_diff(outs[0], outs[i]), 1e-11) << i;
+    EXPECT_LT(max_abs_diff(grads[0], grads[i]), 1e-10) << i;
+  }
+  layer->set_adapters_enabled(false);
+  EXPECT_GT(max_abs_diff(outs[2], row.forward(*layer, x.detach())), 1e-3) << "the adapter must be on the hybrid path";
+  layer->set_adapters_enabled(true);
+  EXPECT_TRUE(torch::equal(layer->weight, w0)) << "the hybrid path must not touch W0";
+  if (row.fd) {
+    a->set_conv_path(ConvPath::Hybrid);
+    auto xd = x.detach();
+    EXPECT_LT(finite_difference_error([&] { return (row.forward(*layer, xd) * probe).sum(); }, trained), 1e-6);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Conv, HybridBattery, ::testing::ValuesIn(hybrid_rows()),
+                         [](const ::testing::TestParamInfo<HybridRow>& info) { return info.param.name; });
+
+TEST(FloraConv, HybridPathRecordsItselfAndIsTheMergedPathWithoutGradients) {
+  flora::nn::Conv2d conv(torch::nn::Conv2dOptions(8, 8, 3).padding(1));
+  auto a = conv->add_adapter("default", AdapterOptions().ranks({4, 4, 2, 2}).conv_path(ConvPath::Hybrid));
+  randomize(a->parameters());
+  const auto x = torch::randn({2, 8, 6, 6});
+  const auto y = conv->forward(x);
+  EXPECT_EQ(conv->last_path(), ConvPath::Hybrid);
+  torch::NoGradGuard no_grad;
+  EXPECT_LT(max_abs_diff(conv->forward(x), y), 1e-5);
+  EXPECT_EQ(conv->last_path(), ConvPath::Merged);
+  EXPECT_TRUE(a->delta_cached()) << "inference under hybrid reuses the cached dW, as merged does";
+}
+
+TEST(FloraConv, HybridPathUnderBf16AutocastMatchesMergedPath) {
+  torch::manual_seed(5);
+  flora::nn::Conv2d conv(torch::nn::Conv2dOptions(8, 6, 3).padding(1));
+  conv->add_adapter("default", AdapterOptions().ranks({4, 4, 2, 2}).init(flora::Init::LoraStyle));
+  expect_matches_merged_under_bf16_autocast(conv, torch::randn({2, 8, 7, 7}), ConvPath::Hybrid);
+}
+
+TEST(FloraConv, HybridPathRefusesGroupedConvsAndDropoutNamingLayerAndValues) {
+  const auto message = flora_test::error_message<flora::InvalidArgument>;
+  flora::nn::Conv2d grouped(torch::nn::Conv2dOptions(4, 6, 3).groups(2));
+  grouped->set_layer_name("stages.1.dw");
+  auto m = message([&] { grouped->add_adapter("default", AdapterOptions().ranks({2, 2, 2, 2}).conv_path(ConvPath::Hybrid)); });
+  EXPECT_NE(m.find("stages.1.dw"), std::string::npos) << m;
+  EXPECT_NE(m.find("groups 2"), std::string::npos) << m;
+  EXPECT_NE(m.find("hint:"), std::string::npos) << m;
+  auto a = grouped->add_adapter("default", AdapterOptions().ranks({2, 2, 2, 2}));
+  m = message([&] { a->set_conv_path(ConvPath::Hybrid); });
+  EXPECT_NE(m.find("groups 2"), std::string::npos) << m;
+  EXPECT_EQ(a->spec().conv_path, ConvPath::Auto) << "a refused path must not be kept";
+
+  flora::nn::Conv2d dense(torch::nn::Conv2dOptions(4, 4, 3));
+  dense->set_layer_name("layer1.0.conv1");
+  m = message([&] { dense->add_adapter("default", AdapterOptions().dropout(0.1).conv_path(ConvPath::Hybrid)); });
+  EXPECT_NE(m.find("layer1.0.conv1"), std::string::npos) << m;
+  EXPECT_NE(m.find("dropout 0.1"), std::string::npos) << m;
+  auto d = dense->add_adapter("default", AdapterOptions().ranks({2, 2, 2, 2}).dropout(0.1));
+  EXPECT_THROW(d->set_conv_path(ConvPath::Hybrid), flora::InvalidArgument);
+  // A conv path means nothing to a Linear: accepted there, as merged and factorized are.
+  flora::nn::Linear fc(4, 3);
+  EXPECT_NO_THROW(fc->add_adapter("default", AdapterOptions().ranks({2, 2}).conv_path(ConvPath::Hybrid)));
+  EXPECT_EQ(flora::parse_conv_path("Hybrid"), ConvPath::Hybrid);
+  EXPECT_EQ(flora::to_string(ConvPath::Hybrid), "hybrid");
+  // The functional form refuses groups itself.
+  namespace F = flora::functional;
+  F::ConvGeometry geo{{1, 1}, {0, 0}, {1, 1}, 2};
+  m = message([&] {
+    F::hybrid_conv(torch::randn({1, 4, 5, 5}), torch::randn({4, 2, 3, 3}), {}, torch::randn({2, 2, 2, 2}),
+                   {torch::randn({4, 2}), torch::randn({2, 2}), torch::randn({3, 2}), torch::randn({3, 2})}, 1.0, geo);
+  });
+  EXPECT_NE(m.find("groups 2"), std::string::npos) << m;
+  // Double backward: the saved W0 + dW carries no history, so it is refused, not wrong.
+  flora::nn::Conv2d conv(torch::nn::Conv2dOptions(4, 4, 3).padding(1));
+  auto h = conv->add_adapter("default", AdapterOptions().ranks({2, 2, 2, 2}).conv_path(ConvPath::Hybrid));
+  auto y = conv->forward(torch::randn({1, 4, 5, 5}));
+  m = message([&] { torch::autograd::grad({y.pow(2).sum()}, {h->core_parameter()}, {}, true, true); });
+  EXPECT_NE(m.find("double backward"), std::string::npos) << m;
+}
+
+TEST(FloraConv, CostModelPicksHybridWherePixelsOutweighTheWeight) {
+  // ResNet's 3x3 convs at batch 16: hybrid where activations dominate (224-pixel ResNet-18's
+  // stages, and its 64x64-image stages 1 and 2); factorized where the weight does (512 channels,
+  // and 256 channels at 4x4), since Wm = W0 + dW is rebuilt and read every step.
+  struct Row { int64_t c, hw; ConvPath expect; };
+  for (const auto& r : std::vector<Row>{{64, 56, ConvPath::Hybrid}, {128, 28, ConvPath::Hybrid},
+                                         {256, 14, ConvPath::Hybrid}, {512, 7, ConvPath::Factorized},
+                                         {64, 16, ConvPath::Hybrid}, {256, 4, ConvPath::Factorized},
+                                         {512, 2, ConvPath::Factorized}}) {
+    flora::nn::Conv2d conv(torch::nn::Conv2dOptions(r.c, r.c, 3).padding(1).bias(false));
+    conv->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
+    const auto c = conv->path_costs({16, r.c, r.hw, r.hw}, true, true);
+    EXPECT_EQ(c.choice, r.expect) << r.c << " channels at " << r.hw << ": hybrid " << c.hybrid << ", factorized "
+                                  << c.factorized << ", merged " << c.merged;
+    EXPECT_TRUE(std::isinf(conv->path_costs({16, r.c, r.hw, r.hw}, false, false).hybrid)) << "inference: merged";
+  }
+  // Never for grouped convs, active dropout or autocast.
+  flora::nn::Conv2d grouped(torch::nn::Conv2dOptions(64, 64, 3).padding(1).groups(2));
+  grouped->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
+  EXPECT_TRUE(std::isinf(grouped->path_costs({16, 64, 56, 56}, true, true).hybrid));
+  flora::nn::Conv2d dropped(torch::nn::Conv2dOptions(64, 64, 3).padding(1));
+  dropped->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}).dropout(0.1));
+  dropped->train();
+  EXPECT_TRUE(std::isinf(dropped->path_costs({16, 64, 56, 56}, true, true).hybrid));
+  flora::nn::Conv2d plain(torch::nn::Conv2dOptions(64, 64, 3).padding(1));
+  plain->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
+  at::autocast::set_cpu_enabled(true);
+  const auto under_autocast = plain->path_costs({16, 64, 56, 56}, true, true);
+  at::autocast::set_cpu_enabled(false);
+  EXPECT_TRUE(std::isinf(under_autocast.hybrid));
+  EXPECT_EQ(plain->path_costs({16, 64, 56, 56}, true, true).choice, ConvPath::Hybrid);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class TuckerAdapterImpl : public torch::nn::Module {
   /// Forces a conv path (Auto: the cost model). Throws when the path cannot run on this weight
   /// (Separable needs a 2-d conv with in/groups == 1), naming the layer.
   void set_conv_path(ConvPath path) {
-    check_conv_path(spec_.target, path);
+    check_conv_path(spec_.target, path, spec_.dropout);
     spec_.conv_path = path;
   }
   /// Marks every parameter of this adapter trainable or frozen.

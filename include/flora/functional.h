@@ -73,6 +73,17 @@ Tensor conv_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor
 Tensor separable_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
                         const ConvGeometry& geo);
 
+/// The hybrid conv path (groups 1): y = conv_nd(x, W0 + dW, bias, geo), and the input gradient
+/// through W0 + dW, as the merged path; the gradients of G and the factors from r-channel
+/// projections of x and of the output gradient (x U_in, gy U_out and the core conv on them), as
+/// the factorized branch computes them. Neither the merged path's full weight gradient nor the
+/// factorized branch's full-size output add and input-gradient add is ever computed. W0 + dW is
+/// built each call by one GEMM in W0's memory layout (channels-last too). Runs in the weight's
+/// dtype with autocast off. Gradients also flow to x, and to the weight and bias where they
+/// require them.
+Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
+                   const std::vector<Tensor>& factors, double scale, const ConvGeometry& geo);
+
 /// The Embedding branch: rows of U_num gathered for `indices`, times s * G U_dim^T.
 /// U_num's row padding_idx gets no gradient (as nn.Embedding's weight).
 Tensor embedding_branch(const Tensor& indices, const Tensor& core, const std::vector<Tensor>& factors,

@@ -71,6 +71,9 @@ enum class ConvPath {
   Separable,   ///< Conv2d with in/groups == 1 (depthwise): base conv + the update as r_2 * r_3
                ///< shared separable spatial filters (GEMMs over all channels) mixed per channel
                ///< by M = s G x_0 U_0 x_1 U_1. No depthwise weight gradient is ever computed.
+  Hybrid,      ///< groups == 1, no adapter dropout: conv(x, W0 + dW) forward and input gradient (as
+               ///< merged); the adapter's gradients from r-channel projections (as factorized).
+               ///< Under no-grad it is the merged path.
 };
 
 std::string to_string(Method m);
@@ -198,6 +201,7 @@ struct ConvCostInput {
   bool training = true;             ///< gradients will be computed for the adapter
   bool input_requires_grad = true;  ///< the input gradient is needed too
   bool dropout = false;             ///< adapter dropout is active (merged path then needs its own conv)
+  bool autocast = false;            ///< autocast is on (the hybrid path would run in float32)
 };
 /// Estimated extra cost (in multiply-add equivalents) of each conv path over the frozen base.
 struct ConvPathCosts {
@@ -205,6 +209,8 @@ struct ConvPathCosts {
   double merged = 0;      ///< extra cost of the merged-weight path
   double factorized = 0;  ///< extra cost of the factorized path
   double separable = 0;   ///< extra cost of the separable path (infinite where it does not apply)
+  double hybrid = 0;      ///< extra cost of the hybrid path (infinite where it does not apply or
+                          ///< when not training, where it is the merged path)
   ConvPath choice = ConvPath::Merged;
 };
 /// The documented cost model (docs/DESIGN.md, "Choosing a conv path").
@@ -222,9 +228,13 @@ bool fold_input_factor(int64_t in_channels, int64_t groups, int64_t r_in, int64_
 /// True when ConvPath::Separable applies to the target: a 2-d conv ([out, in/groups, kh, kw])
 /// with in/groups == 1 (depthwise, or a single input channel).
 bool separable_applies(const TargetInfo& target);
+/// True when ConvPath::Hybrid applies to the target: a conv with groups == 1.
+bool hybrid_applies(const TargetInfo& target);
 /// Throws flora::InvalidArgument naming the layer and its shape when `path` cannot run on
-/// `target` (today: Separable on a conv that is not 2-d with in/groups == 1).
-void check_conv_path(const TargetInfo& target, ConvPath path);
+/// `target` with adapter dropout `dropout`: Separable on a layer that is not a 2-d conv with
+/// in/groups == 1; Hybrid on a grouped conv, or on a conv with dropout > 0 (its one conv feeds
+/// the base and the update the same input). Hybrid on a non-conv layer is accepted and unused.
+void check_conv_path(const TargetInfo& target, ConvPath path, double dropout = 0.0);
 
 /// "1,234,567": thousands separators, as PEFT prints counts.
 std::string format_count(int64_t n);

@@ -40,7 +40,7 @@ struct TrainConfig {
   double alpha = 16.0;               ///< LoRA alpha
   std::string core = "full";         ///< FLoRA core: full | diagonal (CP, with equal ranks) | identity
   std::vector<int64_t> identity;     ///< FLoRA modes with no factor, e.g. 2,3 (Tucker-2 / LoCon on convs); modes a layer lacks are ignored
-  std::string conv_path = "auto";    ///< auto (the cost model per layer and call) | merged | factorized | separable
+  std::string conv_path = "auto";    ///< auto (the cost model per layer and call) | merged | factorized | separable | hybrid
   std::string targets;               ///< comma list of names, a regex (has a regex character), or all-linear; empty: every conv and linear but the head
   int64_t num_classes = 0;           ///< > 0: new head, trained fully
   std::vector<std::string> train_modules;

@@ -132,8 +132,9 @@ int run_step(const StepArgs& a) {
   check_method(a.method, "--method");
   if (!a.against.empty()) check_method(a.against, "--against");
   if (a.mode != "train" && a.mode != "infer") throw InvalidArgument("--mode '" + a.mode + "' is unknown (expected train or infer)");
-  if (a.conv_path != "auto" && a.conv_path != "merged" && a.conv_path != "factorized" && a.conv_path != "separable")
-    throw InvalidArgument("--conv-path '" + a.conv_path + "' is unknown (expected auto, merged, factorized or separable)");
+  if (a.conv_path != "auto" && a.conv_path != "merged" && a.conv_path != "factorized" && a.conv_path != "separable" &&
+      a.conv_path != "hybrid")
+    throw InvalidArgument("--conv-path '" + a.conv_path + "' is unknown (expected auto, merged, factorized, separable or hybrid)");
   train::TrainConfig layout;  // validates --memory-format before any model is built
   layout.memory_format = a.memory_format;
   const std::string memory_format = train::use_channels_last(layout) ? "channels-last" : "contiguous";
@@ -255,7 +256,7 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
   c->add_option("--identity", a->identity, "FLoRA modes with no factor, e.g. 2,3 (Tucker-2)")->delimiter(',');
   c->add_option("--targets", a->targets, "Modules to adapt, as flora train: names, a regex, all-linear or all-conv "
                                          "(default: every conv and linear but the head)");
-  c->add_option("--conv-path", a->conv_path, "auto (cost model), merged, factorized or separable (only depthwise Conv2d: restrict --targets to them, e.g. '.*block\\.0' on ConvNeXt)")->capture_default_str();
+  c->add_option("--conv-path", a->conv_path, "auto (cost model), merged, factorized, hybrid (groups-1 convs, no dropout) or separable (only depthwise Conv2d: restrict --targets to them, e.g. '.*block\\.0' on ConvNeXt)")->capture_default_str();
   c->add_option("--num-classes", a->num_classes, "New head with K classes (0: keep the model's)")->capture_default_str();
   c->add_option("--memory-format", a->memory_format, "Conv weights' layout, as flora train: auto (channels-last on cpu), "
                  "channels-last or contiguous")->capture_default_str();

@@ -41,7 +41,7 @@ const Flag kFlags[] = {
     {"alpha", "LoRA alpha"},
     {"core", "FLoRA core: full, diagonal (cp: with equal ranks, e.g. --ranks 8,8,8,8) or identity"},
     {"identity", "FLoRA modes with no factor, e.g. 2,3 (Tucker-2 / LoCon on convs; a layer's missing modes are ignored)"},
-    {"conv_path", "Adapted conv forward: auto (cost model), merged, factorized or separable (only depthwise Conv2d: restrict --targets to them, e.g. '.*block\\.0' on ConvNeXt)"},
+    {"conv_path", "Adapted conv forward: auto (cost model), merged, factorized, hybrid (groups-1 convs, no dropout) or separable (only depthwise Conv2d: restrict --targets to them, e.g. '.*block\\.0' on ConvNeXt)"},
     {"targets", "Modules: a comma list of names / dotted suffixes, a regex, all-linear or all-conv (default: every conv and linear but the head)"},
     {"num_classes", "Re-initialize the classifier head for K classes and train it fully"},
     {"train_modules", "Comma list of modules trained fully (like PEFT's modules_to_save)"},

@@ -112,6 +112,10 @@ assert j["against"]["method"] == "frozen" and j["against"]["median_ratio"] > 0, 
 assert j["adapter_params"] > 0 and sum(j["conv_paths"].values()) == 5, j
 ' "$out"; then pass=$((pass + 1)); else echo "FAIL bench step --against: $out"; fail=$((fail + 1)); fi
 check "bench bad model"   2 "neither a TorchScript"  -- bench step --model resnet999
+# conv paths: hybrid runs on every groups-1 conv; grouped convs and unknown names are refused first
+check "bench bad path"    2 "separable or hybrid"    -- bench step --model smallcnn --conv-path bogus
+check "bench hybrid dw"   2 "needs groups == 1, got groups 96" -- bench step --model convnext_tiny --conv-path hybrid --batch-size 2 --image-size 16 --steps 1
+check "bench hybrid"      0 '"conv_paths":{"hybrid":5}' -- bench step --model smallcnn --conv-path hybrid --batch-size 2 --image-size 16 --steps 1 --warmup 0 --json
 check "bench bad layout"  2 "'memory_format': 'nhwc' is invalid" -- bench step --model smallcnn --memory-format nhwc
 # the layout each run used: channels-last by default on the CPU, contiguous when asked
 for row in "auto|channels-last" "contiguous|contiguous" "channels-last|channels-last"; do
