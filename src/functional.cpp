@@ -642,10 +642,10 @@ Tensor merged_weight(const Tensor& w0, const Tensor& k, const Tensor& u_out, con
     const auto to_cl = channels_last_order(d);
     Tensor t = k.permute(to_cl).reshape({ro * kk, ri});
     t = (u_in.defined() ? t.mm(u_in.t()) : t).reshape({ro, kk * I});
-    const Tensor w2 = w0.permute(to_cl).reshape({O, kk * I});  // a view: W0 is channels-last
+    const Tensor w_cl = w0.permute(to_cl);               // [out, k..., in], contiguous
+    const Tensor w2 = w_cl.reshape({O, kk * I});         // a view
     const Tensor wm = u_out.defined() ? at::addmm(w2, u_out, t) : w2 + t;
-    auto shape = w0.permute(to_cl).sizes().vec();
-    return wm.view(shape).permute(from_channels_last_order(d));
+    return wm.view(w_cl.sizes()).permute(from_channels_last_order(d));
   }
   const Tensor t = u_in.defined() ? u_in.mm(k.transpose(0, 1).reshape({ri, ro * kk})).view({I, ro, kk}).transpose(0, 1).reshape({ro, I * kk})
                                   : k.reshape({ro, I * kk});
@@ -677,9 +677,7 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     ctx->saved_data["padding"] = geo.padding;
     ctx->saved_data["dilation"] = geo.dilation;
     ctx->saved_data["bias"] = b.numel() > 0;
-    const c10::optional<Tensor> bias = b.numel() > 0 ? c10::optional<Tensor>(b) : c10::nullopt;
-    return at::convolution(x, wm, bias, geo.stride, geo.padding, geo.dilation, false,
-                           std::vector<int64_t>(geo.stride.size(), 0), 1);
+    return conv_nd(x, wm, b.numel() > 0 ? b : Tensor(), geo);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -693,17 +691,16 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     const Tensor &x = saved[0], &wm = saved[1], &k = saved[2];
     const Tensor u_out = saved[3].numel() ? saved[3] : Tensor();
     const Tensor u_in = saved[4].numel() ? saved[4] : Tensor();
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto dilation = ctx->saved_data["dilation"].toIntVector();
-    const int64_t d = static_cast<int64_t>(stride.size());
-    const std::vector<int64_t> zeros(static_cast<size_t>(d), 0), ones(static_cast<size_t>(d), 1);
-    auto conv_grads = [&](const Tensor& g, const Tensor& in, const Tensor& w, bool pointwise_conv, bool want_in, bool want_w) {
-      return at::convolution_backward(g, in, w, c10::nullopt, pointwise_conv ? ones : stride, pointwise_conv ? zeros : padding,
-                                      pointwise_conv ? ones : dilation, false, zeros, 1, {want_in, want_w, false});
+    const ConvGeometry geo{ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+                           ctx->saved_data["dilation"].toIntVector(), 1, PaddingMode::Zeros};
+    const int64_t d = geo.dims();
+    const ConvGeometry one = pointwise_geometry(d, 1);
+    auto conv_grads = [d](const Tensor& g, const Tensor& in, const Tensor& w, const ConvGeometry& c, bool want_in, bool want_w) {
+      return at::convolution_backward(g, in, w, c10::nullopt, c.stride, c.padding, c.dilation, false,
+                                      std::vector<int64_t>(static_cast<size_t>(d), 0), 1, {want_in, want_w, false});
     };
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
-      auto r = conv_grads(gy, x, wm, false, ctx->needs_input_grad(0), ctx->needs_input_grad(1));
+      auto r = conv_grads(gy, x, wm, geo, ctx->needs_input_grad(0), ctx->needs_input_grad(1));
       out[0] = std::get<0>(r);
       out[1] = std::get<1>(r);
     }
@@ -717,19 +714,19 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     const bool want_in = u_in.defined() && ctx->needs_input_grad(5);
     if (!want_k && !want_out && !want_in) return out;
     const Tensor w_in = u_in.defined() ? pointwise(u_in.t(), d) : Tensor();   // [r_1, in, 1...]
-    const Tensor xp = u_in.defined() ? at::convolution(x, w_in, {}, ones, zeros, ones, false, zeros, 1) : x;
-    const Tensor gp = u_out.defined() ? at::convolution(gy, pointwise(u_out.t(), d), {}, ones, zeros, ones, false, zeros, 1) : gy;
+    const Tensor xp = u_in.defined() ? conv_nd(x, w_in, {}, one) : x;
+    const Tensor gp = u_out.defined() ? conv_nd(gy, pointwise(u_out.t(), d), {}, one) : gy;
     Tensor gxp;
     if (want_k || want_in) {
-      auto r = conv_grads(gp, xp, k, false, want_in, want_k);
+      auto r = conv_grads(gp, xp, k, geo, want_in, want_k);
       gxp = std::get<0>(r);
       out[3] = std::get<1>(r);
     }
     if (want_out) {
-      const Tensor zc = at::convolution(xp, k, {}, stride, padding, dilation, false, zeros, 1);
-      out[4] = std::get<1>(conv_grads(gy, zc, pointwise(u_out, d), true, false, true)).view(u_out.sizes());
+      const Tensor zc = conv_nd(xp, k, {}, geo);
+      out[4] = std::get<1>(conv_grads(gy, zc, pointwise(u_out, d), one, false, true)).view(u_out.sizes());
     }
-    if (want_in) out[5] = std::get<1>(conv_grads(gxp, x, w_in, true, false, true)).view({u_in.size(1), u_in.size(0)}).t();
+    if (want_in) out[5] = std::get<1>(conv_grads(gxp, x, w_in, one, false, true)).view({u_in.size(1), u_in.size(0)}).t();
     return out;
   }
 };
@@ -761,6 +758,7 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   const Tensor in = pad_explicitly(x.scalar_type() == dtype ? x : x.to(dtype), geo, pad);
   ConvGeometry g = geo;
   g.padding = pad;
+  g.padding_mode = PaddingMode::Zeros;  // x is padded already
   const Tensor none = at::empty({0}, weight.options());
   return HybridConv::apply(in, weight, bias.defined() ? bias : none, k, factors[0].defined() ? factors[0] : none,
                            factors[1].defined() ? factors[1] : none, g);

@@ -132,9 +132,7 @@ int run_step(const StepArgs& a) {
   check_method(a.method, "--method");
   if (!a.against.empty()) check_method(a.against, "--against");
   if (a.mode != "train" && a.mode != "infer") throw InvalidArgument("--mode '" + a.mode + "' is unknown (expected train or infer)");
-  if (a.conv_path != "auto" && a.conv_path != "merged" && a.conv_path != "factorized" && a.conv_path != "separable" &&
-      a.conv_path != "hybrid")
-    throw InvalidArgument("--conv-path '" + a.conv_path + "' is unknown (expected auto, merged, factorized, separable or hybrid)");
+  parse_conv_path(a.conv_path);  // throws naming the value and the known paths
   train::TrainConfig layout;  // validates --memory-format before any model is built
   layout.memory_format = a.memory_format;
   const std::string memory_format = train::use_channels_last(layout) ? "channels-last" : "contiguous";
