@@ -5,9 +5,11 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <dlfcn.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -22,19 +24,43 @@
 
 namespace flora {
 
-int configure_threads(int requested) {
-  int n = requested;
-  if (n <= 0) {
-    if (const char* env = std::getenv("OMP_NUM_THREADS"); env && *env) {
-      char* end = nullptr;
-      const long v = std::strtol(env, &end, 10);
-      if (*end != '\0' || v <= 0)
-        throw InvalidArgument(std::string("OMP_NUM_THREADS='") + env + "' is not a positive integer (hint: unset it or set e.g. 2)");
-      n = static_cast<int>(v);
-    } else {
-      n = static_cast<int>(std::thread::hardware_concurrency());
-    }
+namespace {
+
+// A positive integer from an environment variable, 0 when unset or empty; anything else is an
+// error naming the variable.
+int positive_env(const char* name) {
+  const char* env = std::getenv(name);
+  if (!env || !*env) return 0;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  if (*end != '\0' || v <= 0 || v > (1 << 20))
+    throw InvalidArgument(std::string(name) + "='" + env + "' is not a positive integer (hint: unset it or set e.g. 2)");
+  return static_cast<int>(v);
+}
+
+}  // namespace
+
+int usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
   }
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+ThreadChoice default_threads() {
+  if (const int n = positive_env("OMP_NUM_THREADS")) return {n, "OMP_NUM_THREADS"};
+  if (const int n = positive_env("SLURM_CPUS_PER_TASK")) return {n, "SLURM_CPUS_PER_TASK"};
+  const int cpus = usable_cpus();
+  const int all = static_cast<int>(std::thread::hardware_concurrency());
+  return {cpus, cpus < all ? "the CPUs this process may run on (" + std::to_string(cpus) + " of " + std::to_string(all) + ")"
+                           : "the core count"};
+}
+
+int configure_threads(int requested) {
+  int n = requested > 0 ? requested : default_threads().count;
   if (n <= 0) n = 1;
   at::set_num_threads(n);
   // OpenBLAS keeps its own thread pool, sized to the cores, which at::set_num_threads does not

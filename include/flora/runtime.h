@@ -6,9 +6,21 @@
 
 namespace flora {
 
-/// Sets LibTorch's intra-op threads: `requested` if > 0, else OMP_NUM_THREADS if set, else the
-/// hardware concurrency (Debian's LibTorch otherwise starts with 1 thread). Returns the count.
-/// OpenBLAS's own thread pool, when OpenBLAS is the BLAS, is set to the same count.
+/// The intra-op thread count a process gets when none is asked for, and where it came from.
+struct ThreadChoice {
+  int count = 1;
+  std::string source;  ///< "OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "the core count", ...
+};
+/// OMP_NUM_THREADS if set, else SLURM_CPUS_PER_TASK if set (an srun task's allotment), else the
+/// CPUs this process may run on (its affinity mask: taskset, cgroup cpusets, SLURM's binding),
+/// which is the core count on an unrestricted machine. A set variable that is not a positive
+/// integer is an InvalidArgument naming it.
+ThreadChoice default_threads();
+/// CPUs in this process's affinity mask (the hardware concurrency if that cannot be read).
+int usable_cpus();
+/// Sets LibTorch's intra-op threads: `requested` if > 0, else default_threads() (Debian's
+/// LibTorch otherwise starts with 1 thread). Returns the count. OpenBLAS's own thread pool, when
+/// OpenBLAS is the BLAS, is set to the same count.
 int configure_threads(int requested = 0);
 /// OpenBLAS's thread count, or -1 when the BLAS in use is not OpenBLAS.
 int blas_threads();

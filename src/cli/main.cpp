@@ -24,6 +24,8 @@
 
 namespace {
 
+int g_threads_flag = 0;  // --threads, for doctor
+
 using flora::format_count;
 using flora::format_shape;
 
@@ -149,7 +151,9 @@ std::string loaded_blas() {
 int run_doctor() {
   std::cout << "flora " << flora::version() << "\n";
   std::cout << "LibTorch " << TORCH_VERSION_MAJOR << "." << TORCH_VERSION_MINOR << "." << TORCH_VERSION_PATCH << "\n";
-  std::cout << "threads: " << at::get_num_threads() << " (hardware " << std::thread::hardware_concurrency() << ")\n";
+  std::cout << "threads: " << at::get_num_threads() << " (from "
+            << (g_threads_flag > 0 ? std::string("--threads") : flora::default_threads().source) << "; hardware "
+            << std::thread::hardware_concurrency() << ")\n";
   std::cout << "oneDNN (mkldnn): " << (at::hasMKLDNN() ? "yes" : "no") << "\n";
   const auto cache = flora::cpu_cache_stats();
   if (cache.limit_bytes > 0)
@@ -271,7 +275,7 @@ int main(int argc, char** argv) {
   CLI::App app{"flora: FLoRA (Tucker-decomposed) and LoRA fine-tuning for LibTorch models", "flora"};
   app.set_version_flag("--version", flora::version());
   int threads = 0;
-  app.add_option("--threads", threads, "Intra-op threads (default: OMP_NUM_THREADS, else all cores)");
+  app.add_option("--threads", threads, "Intra-op threads (default: OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK, else the CPUs this process may use)");
   app.require_subcommand(1);
   std::function<int()> run;
   for (auto add : kCommands) add(app, run);
@@ -281,6 +285,7 @@ int main(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   try {
+    g_threads_flag = threads;
     flora::configure_threads(threads);
     flora::configure_allocator();
     return run ? run() : 2;

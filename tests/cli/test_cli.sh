@@ -102,6 +102,21 @@ for row in "64|0|CPU block cache: on, up to 64 MB" "0|0|CPU block cache: off" "l
   out=$(FLORA_CPU_CACHE_MB=$v "$flora" doctor 2>&1); rc=$?
   if [[ $rc -eq $want_rc && $out == *"$want"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor cache $v: rc=$rc $out"; fail=$((fail + 1)); fi
 done
+# the default thread count: OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK, else the affinity mask
+for row in "OMP_NUM_THREADS=1 SLURM_CPUS_PER_TASK=2|0|threads: 1 (from OMP_NUM_THREADS;" \
+           "SLURM_CPUS_PER_TASK=1|0|threads: 1 (from SLURM_CPUS_PER_TASK;" \
+           "SLURM_CPUS_PER_TASK=x2|2|SLURM_CPUS_PER_TASK='x2' is not a positive integer" \
+           "OMP_NUM_THREADS=0|2|OMP_NUM_THREADS='0' is not a positive integer"; do
+  IFS='|' read -r vars want_rc want <<<"$row"
+  out=$(env -u OMP_NUM_THREADS -u SLURM_CPUS_PER_TASK $vars "$flora" doctor 2>&1); rc=$?
+  if [[ $rc -eq $want_rc && $out == *"$want"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor threads $vars: rc=$rc $out"; fail=$((fail + 1)); fi
+done
+out=$(env -u OMP_NUM_THREADS -u SLURM_CPUS_PER_TASK "$flora" --threads 1 doctor 2>&1)
+if [[ $out == *"threads: 1 (from --threads;"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor --threads: $out"; fail=$((fail + 1)); fi
+if [[ $(nproc --all) -gt 1 ]] && command -v taskset >/dev/null; then  # one CPU allowed: one thread, and said why
+  out=$(env -u OMP_NUM_THREADS -u SLURM_CPUS_PER_TASK taskset -c 0 "$flora" doctor 2>&1)
+  if [[ $out == *"threads: 1 (from the CPUs this process may run on (1 of"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor taskset: $out"; fail=$((fail + 1)); fi
+fi
 check "bench bad against" 2 "--against 'dora' is unknown" -- bench step --model smallcnn --method flora --against dora
 # --against: both models step, one ratio per timed step; the method's own fields are unchanged
 out=$("$flora" bench step --model smallcnn --method flora --against frozen --batch-size 2 --image-size 16 --steps 3 --warmup 1 --json 2>&1)

@@ -80,13 +80,13 @@ p=$(port)
 d=$(diff_st one_2b/$adapter torchrun/$adapter)
 if within 1e-5 "$d"; then ok; else no "torchrun vs 1 process 2B: max diff $d"; fi
 p=$(port)
-# As docs/DISTRIBUTED.md's recipe does (OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK): 2 tasks on 2 cores
-# get 1 thread each. Left at 2 threads each, the run is oversubscribed and its float32 sums round
+# As srun --cpus-per-task=1 would: 2 tasks on 2 cores get 1 thread each, from SLURM_CPUS_PER_TASK
+# (OMP_NUM_THREADS unset). Left at 2 threads each, the run is oversubscribed and its float32 sums round
 # differently; after 32 Adam steps that moved the adapter by 9e-5 (hybrid conv path) or 4.5e-6
 # (factorized) from the 1-process run, while per-step gradients of both paths match float64
 # to the same 1e-6.
 for r in 1 0; do
-  env -u RANK -u WORLD_SIZE OMP_NUM_THREADS=1 SLURM_PROCID=$r SLURM_NTASKS=2 SLURM_LOCALID=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$p \
+  env -u RANK -u WORLD_SIZE -u OMP_NUM_THREADS SLURM_CPUS_PER_TASK=1 SLURM_PROCID=$r SLURM_NTASKS=2 SLURM_LOCALID=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$p \
     "$flora" train "${common[@]}" --batch-size 8 --out slurm >slurm$r.log 2>&1 &
 done
 wait
