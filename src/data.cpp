@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "flora/procedural.h"
+#include "flora/runtime.h"
 #include "flora/spec.h"
 #include "stb_image_c.h"
 
@@ -154,7 +155,7 @@ Dataset load_image_folder(const std::string& dir, int64_t size, int threads) {
       stbi_image_free(px);
     }
   };
-  const int t = std::max(1, threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()));
+  const int t = threads > 0 ? threads : usable_cpus();
   std::vector<std::thread> pool;
   for (int i = 0; i < t; ++i) pool.emplace_back(work);
   for (auto& th : pool) th.join();
@@ -187,7 +188,7 @@ Dataset load_procedural(const std::string& rest, Split split, int64_t size, int 
     for (int64_t i; (i = next.fetch_add(1)) < n;)
       lab[i] = procedural::render(task, split == Split::Train ? 0 : 1, i, size, px + i * 3 * size * size);
   };
-  const int t = std::max(1, threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()));
+  const int t = threads > 0 ? threads : usable_cpus();
   std::vector<std::thread> pool;
   for (int i = 0; i < t; ++i) pool.emplace_back(work);
   for (auto& th : pool) th.join();

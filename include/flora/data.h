@@ -37,7 +37,7 @@ struct Dataset {
 enum class Split { Train, Val };
 
 /// "imagefolder:DIR" (DIR/<class>/*.png|jpg|jpeg|bmp, classes sorted by name, decoded in
-/// `threads` threads and resized to image_size), "cifar10:DIR" (data_batch_1..5.bin for Train,
+/// `threads` threads (0: one per usable CPU) and resized to image_size), "cifar10:DIR" (data_batch_1..5.bin for Train,
 /// test_batch.bin for Val) or "mnist:DIR" (train-* / t10k-* IDX files). CIFAR and MNIST keep
 /// their size unless image_size differs; "procedural:TASK[:N]" (flora/procedural.h: N training
 /// samples, default 5000, and max(500, N / 5) validation samples, 32 px unless image_size says
