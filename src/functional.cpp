@@ -470,7 +470,7 @@ Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<
   auto pixels = [](const std::vector<int64_t>& v) {
     return std::accumulate(v.begin(), v.end(), 1.0, [](double a, int64_t b) { return a * static_cast<double>(b); });
   };
-  const bool fold_in = u_in.defined() && fold_input_factor(x.size(1), g, core.size(1), core.size(0), kernel_elements,
+  const bool fold_in = u_in.defined() && fold_input_factor(x.size(x.dim() - d - 1), g, core.size(1), core.size(0), kernel_elements,
                                                            pixels(in_spatial), pixels(out_spatial));
   std::vector<Tensor> spatial(factors.size());
   for (size_t n = 2; n < factors.size(); ++n) spatial[n] = factors[n];
@@ -737,6 +737,8 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
                    const std::vector<Tensor>& factors, double scale, const ConvGeometry& geo) {
   check_factors(core, factors, "hybrid_conv");
   const int64_t d = geo.dims();
+  if (x.dim() == 1 + d && core.dim() == 2 + d)  // unbatched, as conv1d/2d/3d accept: a batch of one
+    return hybrid_conv(x.unsqueeze(0), weight, bias, core, factors, scale, geo).squeeze(0);
   if (core.dim() != 2 + d || weight.dim() != 2 + d || x.dim() != 2 + d)
     throw InvalidArgument("hybrid_conv: " + std::to_string(d) + " spatial dims need a core, weight and input of order " +
                           std::to_string(2 + d) + ", got " + std::to_string(core.dim()) + ", " +
@@ -752,16 +754,18 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   std::vector<Tensor> spatial(factors.size());
   for (size_t n = 2; n < factors.size(); ++n) spatial[n] = factors[n];
-  const Tensor k = tucker_delta(core, spatial, scale);  // [r_0, r_1, k...]: autograd to G and U_2..
-  std::vector<int64_t> pad;
   const auto dtype = weight.scalar_type();
+  auto in_dtype = [dtype](const Tensor& t) { return t.defined() && t.scalar_type() != dtype ? t.to(dtype) : t; };
+  const Tensor k = in_dtype(tucker_delta(core, spatial, scale));  // [r_0, r_1, k...]: autograd to G and U_2..
+  std::vector<int64_t> pad;
   const Tensor in = pad_explicitly(x.scalar_type() == dtype ? x : x.to(dtype), geo, pad);
   ConvGeometry g = geo;
   g.padding = pad;
   g.padding_mode = PaddingMode::Zeros;  // x is padded already
   const Tensor none = at::empty({0}, weight.options());
-  return HybridConv::apply(in, weight, bias.defined() ? bias : none, k, factors[0].defined() ? factors[0] : none,
-                           factors[1].defined() ? factors[1] : none, g);
+  return HybridConv::apply(in, weight, bias.defined() ? in_dtype(bias) : none, k,
+                           factors[0].defined() ? in_dtype(factors[0]) : none,
+                           factors[1].defined() ? in_dtype(factors[1]) : none, g);
 }
 
 Tensor embedding_branch(const Tensor& indices, const Tensor& core, const std::vector<Tensor>& factors,

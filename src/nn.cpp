@@ -353,7 +353,7 @@ ConvPathCosts ConvImpl<D>::path_costs(const std::vector<int64_t>& shape, bool tr
   in.out_spatial = geo_.output_size(in.in_spatial, in.kernel);
   in.training = training;
   in.input_requires_grad = input_requires_grad;
-  in.dropout = training && a->spec().dropout > 0.0;
+  in.dropout = is_training() && a->spec().dropout > 0.0;  // as forward: dropout is on in train mode
   in.autocast = at::autocast::is_cpu_enabled() || at::autocast::is_enabled();
   return conv_path_costs(a->spec(), in);
 }

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -27,13 +28,14 @@ namespace flora {
 namespace {
 
 // A positive integer from an environment variable, 0 when unset or empty; anything else is an
-// error naming the variable.
+// error naming the variable. OpenMP's list form ("8,4": threads per nesting level) gives its
+// first element, the only level LibTorch's intra-op pool uses.
 int positive_env(const char* name) {
   const char* env = std::getenv(name);
   if (!env || !*env) return 0;
   char* end = nullptr;
   const long v = std::strtol(env, &end, 10);
-  if (*end != '\0' || v <= 0 || v > (1 << 20))
+  if ((*end != '\0' && *end != ',') || v <= 0 || v > (1 << 20))
     throw InvalidArgument(std::string(name) + "='" + env + "' is not a positive integer (hint: unset it or set e.g. 2)");
   return static_cast<int>(v);
 }
@@ -41,11 +43,19 @@ int positive_env(const char* name) {
 }  // namespace
 
 int usable_cpus() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-    const int n = CPU_COUNT(&set);
-    if (n > 0) return n;
+  // A dynamically sized set: a fixed cpu_set_t holds 1024 CPUs, and sched_getaffinity fails
+  // (EINVAL) on kernels configured for more; double the size until the mask fits.
+  for (int cpus = CPU_SETSIZE; cpus <= (1 << 20); cpus *= 2) {
+    cpu_set_t* set = CPU_ALLOC(cpus);
+    if (!set) break;
+    const std::size_t bytes = CPU_ALLOC_SIZE(cpus);
+    CPU_ZERO_S(bytes, set);
+    const int rc = sched_getaffinity(0, bytes, set);
+    const int n = rc == 0 ? CPU_COUNT_S(bytes, set) : 0;
+    const int err = errno;
+    CPU_FREE(set);
+    if (rc == 0 && n > 0) return n;
+    if (rc != 0 && err != EINVAL) break;
   }
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 }

@@ -580,6 +580,9 @@ std::vector<HybridRow> hybrid_rows() {
       hybrid_row<2>("weight_and_bias_trainable_too", O2(4, 5, 3).padding(1), {2, 4, 5, 5}, flora({2, 2, 2, 2}), false, true),
       hybrid_row<2>("weight_and_bias_trainable_channels_last", O2(4, 5, 3).padding(1), {2, 4, 5, 5}, flora({2, 2, 2, 2}),
                     true, true),
+      hybrid_row<2>("unbatched_input", O2(6, 5, 3).padding(1), {6, 7, 6}, flora({3, 3, 2, 2}), false, false, true),
+      hybrid_row<1>("conv1d_unbatched_reflect", torch::nn::Conv1dOptions(3, 4, 3).padding(1).padding_mode(torch::kReflect),
+                    {3, 9}, flora({2, 2, 2})),
       hybrid_row<1>("conv1d_stride2", torch::nn::Conv1dOptions(3, 4, 3).stride(2).padding(1), {2, 3, 9}, flora({2, 2, 2}),
                     false, false, true),
       hybrid_row<3>("conv3d_channels_last", torch::nn::Conv3dOptions(2, 3, 2).stride({1, 2, 1}).padding(1), {1, 2, 4, 5, 4},
@@ -739,6 +742,8 @@ TEST(FloraConv, CostModelPicksHybridWherePixelsOutweighTheWeight) {
   dropped->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}).dropout(0.1));
   dropped->train();
   EXPECT_TRUE(std::isinf(dropped->path_costs({16, 64, 56, 56}, true, true).hybrid));
+  dropped->eval();  // dropout is off in eval mode: gradients there (e.g. saliency) may take hybrid
+  EXPECT_EQ(dropped->path_costs({16, 64, 56, 56}, true, true).choice, ConvPath::Hybrid);
   flora::nn::Conv2d plain(torch::nn::Conv2dOptions(64, 64, 3).padding(1));
   plain->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
   at::autocast::set_cpu_enabled(true);

@@ -79,8 +79,9 @@ Tensor separable_branch(const Tensor& x, const Tensor& core, const std::vector<T
 /// the factorized branch computes them. Neither the merged path's full weight gradient nor the
 /// factorized branch's full-size output add and input-gradient add is ever computed. W0 + dW is
 /// built each call by one GEMM in W0's memory layout (channels-last too). Runs in the weight's
-/// dtype with autocast off. Gradients also flow to x, and to the weight and bias where they
-/// require them.
+/// dtype with autocast off (x, the bias, the core's kernel and U_out/U_in are cast to it, with
+/// their gradients cast back). x is [N, in, ...] or unbatched [in, ...], as conv_nd takes it.
+/// Gradients also flow to x, and to the weight and bias where they require them.
 Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
                    const std::vector<Tensor>& factors, double scale, const ConvGeometry& geo);
 

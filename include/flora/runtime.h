@@ -13,8 +13,9 @@ struct ThreadChoice {
 };
 /// OMP_NUM_THREADS if set, else SLURM_CPUS_PER_TASK if set (an srun task's allotment), else the
 /// CPUs this process may run on (its affinity mask: taskset, cgroup cpusets, SLURM's binding),
-/// which is the core count on an unrestricted machine. A set variable that is not a positive
-/// integer is an InvalidArgument naming it.
+/// which is the core count on an unrestricted machine. OpenMP's list form (OMP_NUM_THREADS=8,4)
+/// counts its first element. A set variable that is not a positive integer is an
+/// InvalidArgument naming it.
 ThreadChoice default_threads();
 /// CPUs in this process's affinity mask (the hardware concurrency if that cannot be read).
 int usable_cpus();

@@ -275,7 +275,8 @@ int main(int argc, char** argv) {
   CLI::App app{"flora: FLoRA (Tucker-decomposed) and LoRA fine-tuning for LibTorch models", "flora"};
   app.set_version_flag("--version", flora::version());
   int threads = 0;
-  app.add_option("--threads", threads, "Intra-op threads (default: OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK, else the CPUs this process may use)");
+  app.add_option("--threads", threads, "Intra-op threads (default: OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK, else the CPUs this process may use)")
+      ->check(CLI::Range(1, 1 << 16));
   app.require_subcommand(1);
   std::function<int()> run;
   for (auto add : kCommands) add(app, run);

@@ -105,6 +105,7 @@ done
 # the default thread count: OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK, else the affinity mask
 for row in "OMP_NUM_THREADS=1 SLURM_CPUS_PER_TASK=2|0|threads: 1 (from OMP_NUM_THREADS;" \
            "SLURM_CPUS_PER_TASK=1|0|threads: 1 (from SLURM_CPUS_PER_TASK;" \
+           "OMP_NUM_THREADS=1,2|0|threads: 1 (from OMP_NUM_THREADS;" \
            "SLURM_CPUS_PER_TASK=x2|2|SLURM_CPUS_PER_TASK='x2' is not a positive integer" \
            "OMP_NUM_THREADS=0|2|OMP_NUM_THREADS='0' is not a positive integer"; do
   IFS='|' read -r vars want_rc want <<<"$row"
@@ -113,6 +114,7 @@ for row in "OMP_NUM_THREADS=1 SLURM_CPUS_PER_TASK=2|0|threads: 1 (from OMP_NUM_T
 done
 out=$(env -u OMP_NUM_THREADS -u SLURM_CPUS_PER_TASK "$flora" --threads 1 doctor 2>&1)
 if [[ $out == *"threads: 1 (from --threads;"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor --threads: $out"; fail=$((fail + 1)); fi
+check "threads negative"  2 "--threads"              -- --threads -1 doctor
 if [[ $(nproc --all) -gt 1 ]] && command -v taskset >/dev/null; then  # one CPU allowed: one thread, and said why
   out=$(env -u OMP_NUM_THREADS -u SLURM_CPUS_PER_TASK taskset -c 0 "$flora" doctor 2>&1)
   if [[ $out == *"threads: 1 (from the CPUs this process may run on (1 of"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor taskset: $out"; fail=$((fail + 1)); fi
