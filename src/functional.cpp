@@ -427,6 +427,156 @@ Tensor linear_branch(const Tensor& x, const Tensor& core, const std::vector<Tens
   return h;
 }
 
+RecomputableInput RecomputableInput::recipe(Op op, std::string approximate, std::vector<int64_t> normalized_shape,
+                                            double eps) {
+  RecomputableInput r;
+  r.op_ = op;
+  r.approximate_ = std::move(approximate);
+  r.shape_ = std::move(normalized_shape);
+  r.eps_ = eps;
+  return r;
+}
+
+RecomputableInput RecomputableInput::gelu(const Tensor& h, const std::string& approximate) {
+  if (approximate != "none" && approximate != "tanh")
+    throw InvalidArgument("RecomputableInput::gelu: approximate '" + approximate + "', expected 'none' or 'tanh'");
+  RecomputableInput r = recipe(Op::Gelu, approximate, {}, 0.0);
+  r.sources_ = {h};
+  r.value_ = r.recompute(r.sources_);
+  return r;
+}
+
+RecomputableInput RecomputableInput::layer_norm(const Tensor& h, std::vector<int64_t> normalized_shape,
+                                                const Tensor& weight, const Tensor& bias, double eps) {
+  RecomputableInput r = recipe(Op::LayerNorm, "none", std::move(normalized_shape), eps);
+  r.sources_ = {h, weight, bias};
+  r.value_ = r.recompute(r.sources_);
+  return r;
+}
+
+RecomputableInput RecomputableInput::attention_heads(const Tensor& attn, const Tensor& v) {
+  if (attn.dim() != 4 || v.dim() != 4 || attn.size(0) != v.size(0) || attn.size(1) != v.size(1) ||
+      attn.size(3) != v.size(2))
+    throw InvalidArgument("RecomputableInput::attention_heads: attn " + format_shape(attn.sizes().vec()) + " and v " +
+                          format_shape(v.sizes().vec()) + ", expected [N, H, L, S] and [N, H, S, hd]");
+  RecomputableInput r = recipe(Op::AttentionHeads, "none", {}, 0.0);
+  r.sources_ = {attn, v.contiguous()};
+  r.value_ = r.recompute(r.sources_);
+  return r;
+}
+
+Tensor RecomputableInput::recompute(const std::vector<Tensor>& sources) const {
+  switch (op_) {
+    case Op::Gelu: return at::gelu(sources.at(0), approximate_);
+    case Op::LayerNorm: return at::layer_norm(sources.at(0), shape_, sources.at(1), sources.at(2), eps_);
+    case Op::AttentionHeads: {
+      const Tensor &attn = sources.at(0), &v = sources.at(1);
+      return at::matmul(attn, v).transpose(1, 2).reshape({attn.size(0), attn.size(2), v.size(1) * v.size(3)});
+    }
+  }
+  throw InvalidArgument("RecomputableInput: unknown op");
+}
+
+namespace {
+
+// Autocast's state, saved in forward and put back around backward's recomputation, so that the
+// recomputed input has the bits forward's had (under autocast, LayerNorm and GELU may run in
+// another dtype than without).
+struct AutocastState {
+  bool cpu = at::autocast::is_cpu_enabled(), gpu = at::autocast::is_enabled();
+  at::ScalarType cpu_dtype = at::autocast::get_autocast_cpu_dtype(), gpu_dtype = at::autocast::get_autocast_gpu_dtype();
+  void apply() const {
+    at::autocast::set_cpu_enabled(cpu);
+    at::autocast::set_enabled(gpu);
+    at::autocast::set_autocast_cpu_dtype(cpu_dtype);
+    at::autocast::set_autocast_gpu_dtype(gpu_dtype);
+  }
+};
+
+// h = x A^T for x = f(sources) [..., in] and A [r, in], keeping the sources and A but not x.
+struct RecomputedProjection : public torch::autograd::Function<RecomputedProjection> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& a,
+                        const RecomputableInput* in, const AutocastState* autocast) {
+    std::vector<Tensor> keep{a};
+    for (const auto& t : in->sources()) keep.push_back(t);
+    ctx->save_for_backward(keep);
+    auto& d = ctx->saved_data;
+    d["op"] = static_cast<int64_t>(in->op());
+    d["approximate"] = in->approximate();
+    d["shape"] = in->normalized_shape();
+    d["eps"] = in->eps();
+    d["cpu"] = autocast->cpu;
+    d["gpu"] = autocast->gpu;
+    d["cpu_dtype"] = static_cast<int64_t>(autocast->cpu_dtype);
+    d["gpu_dtype"] = static_cast<int64_t>(autocast->gpu_dtype);
+    return x.matmul(a.t());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& a = saved[0];
+    const Tensor& g = grads[0];
+    if (torch::GradMode::is_enabled())  // create_graph: the gradient's dependence on the sources is not recorded
+      throw InvalidArgument("linear_branch: double backward (create_graph) through a RecomputableInput is not supported "
+                            "(hint: pass in.value() instead, or flora::nn::set_recompute_inputs(false))");
+    torch::autograd::variable_list out(4);
+    if (ctx->needs_input_grad(0)) out[0] = g.matmul(a);
+    if (ctx->needs_input_grad(1)) {
+      auto& d = ctx->saved_data;
+      const auto recipe = RecomputableInput::recipe(static_cast<RecomputableInput::Op>(d["op"].toInt()),
+                                                    d["approximate"].toStringRef(), d["shape"].toIntVector(),
+                                                    d["eps"].toDouble());
+      AutocastState now, then;
+      then.cpu = d["cpu"].toBool();
+      then.gpu = d["gpu"].toBool();
+      then.cpu_dtype = static_cast<at::ScalarType>(d["cpu_dtype"].toInt());
+      then.gpu_dtype = static_cast<at::ScalarType>(d["gpu_dtype"].toInt());
+      Tensor x;
+      try {
+        then.apply();
+        x = recipe.recompute(std::vector<Tensor>(saved.begin() + 1, saved.end()));
+      } catch (...) {
+        now.apply();
+        throw;
+      }
+      now.apply();
+      if (x.scalar_type() != a.scalar_type()) x = x.to(a.scalar_type());
+      out[1] = g.reshape({-1, g.size(-1)}).t().matmul(x.reshape({-1, x.size(-1)}));
+    }
+    return out;
+  }
+};
+
+// The dtype the plain branch's matmul runs in: autocast's where it is on, else t's own.
+at::ScalarType branch_dtype(const Tensor& t, const AutocastState& autocast) {
+  if (!at::isFloatingType(t.scalar_type())) return t.scalar_type();
+  if (t.is_cuda() && autocast.gpu) return autocast.gpu_dtype;
+  if (t.is_cpu() && autocast.cpu) return autocast.cpu_dtype;
+  return t.scalar_type();
+}
+
+}  // namespace
+
+Tensor linear_branch(const RecomputableInput& x, const Tensor& core, const std::vector<Tensor>& factors, double scale) {
+  check_factors(core, factors, "linear_branch");
+  if (core.dim() != 2) throw InvalidArgument("linear_branch: core must be [r_out, r_in], got " + format_shape(core.sizes().vec()));
+  Tensor a = scale == 1.0 ? core : core * scale;
+  if (factors[1].defined()) a = a.matmul(factors[1].t());
+  const AutocastState autocast;
+  const auto dtype = branch_dtype(a, autocast);
+  Tensor in = x.value();
+  if (in.scalar_type() != dtype && autocast.cpu + autocast.gpu > 0) in = in.to(dtype);
+  if (a.scalar_type() != dtype) a = a.to(dtype);
+  Tensor h;
+  {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    h = RecomputedProjection::apply(in, a, &x, &autocast);
+  }
+  if (factors[0].defined()) h = h.matmul(factors[0].t());
+  return h;
+}
+
 namespace {
 
 // Steps 1 and 2 of the factorized branch: [N, in, ...] -> [N, g*r_0 (or out), ...].

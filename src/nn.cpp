@@ -2,6 +2,7 @@
 // parameters, state (active / merged / enabled) and the choice of forward path.
 #include <torch/torch.h>
 
+#include <atomic>
 #include <cmath>
 #include <iomanip>
 #include <sstream>
@@ -260,6 +261,24 @@ LinearImpl::LinearImpl(const torch::nn::LinearImpl& base)
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   auto y = torch::linear(x, weight, bias);
   if (auto a = live_adapter()) y = y + F::linear_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale());
+  return y;
+}
+
+namespace {
+std::atomic<bool> recompute_inputs_{true};
+}  // namespace
+
+void set_recompute_inputs(bool on) { recompute_inputs_ = on; }
+bool recompute_inputs() { return recompute_inputs_; }
+
+torch::Tensor LinearImpl::forward_recompute(const F::RecomputableInput& in) {
+  const auto& x = in.value();
+  auto y = torch::linear(x, weight, bias);
+  if (auto a = live_adapter()) {
+    const bool keep = !recompute_inputs_ || (a->spec().dropout > 0.0 && is_training());
+    y = y + (keep ? F::linear_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale())
+                  : F::linear_branch(in, a->core(), a->factors(), a->scale()));
+  }
   return y;
 }
 

@@ -17,6 +17,7 @@ namespace vision {
 namespace {
 
 using torch::Tensor;
+using functional::RecomputableInput;
 using torch::nn::Conv2dOptions;
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -145,19 +146,34 @@ torch::nn::Functional permute(std::vector<int64_t> dims) {
   return torch::nn::Functional([dims](const Tensor& x) { return x.permute(dims); });
 }
 
+/// A LayerNorm module's forward as a RecomputableInput: adapters on the Linear it feeds keep
+/// the norm's input (kept by its own backward anyway), not its output.
+RecomputableInput norm_input(const torch::nn::LayerNormImpl& ln, const Tensor& x) {
+  return RecomputableInput::layer_norm(x, ln.options.normalized_shape(), ln.weight, ln.bias, ln.options.eps());
+}
+
 /// torchvision's CNBlock: x + stochastic_depth(layer_scale * block(x)), block = depthwise 7x7,
 /// channels-last LayerNorm, Linear 4x, GELU, Linear back (keys block.{0,2,3,5}, layer_scale).
 struct CNBlockImpl : torch::nn::Module {
-  CNBlockImpl(int64_t dim, double layer_scale_init, double drop_prob) : drop_prob_(drop_prob) {
-    block = register_module(
-        "block", torch::nn::Sequential(nn::Conv2d(Conv2dOptions(dim, dim, 7).padding(3).groups(dim)), permute({0, 2, 3, 1}),
-                                       torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-6)),
-                                       nn::Linear(dim, 4 * dim), torch::nn::GELU(), nn::Linear(4 * dim, dim),
-                                       permute({0, 3, 1, 2})));
+  CNBlockImpl(int64_t dim, double layer_scale_init, double drop_prob)
+      : drop_prob_(drop_prob),
+        dwconv(Conv2dOptions(dim, dim, 7).padding(3).groups(dim)),
+        norm(torch::nn::LayerNormOptions({dim}).eps(1e-6)),
+        pwconv1(dim, 4 * dim),
+        pwconv2(4 * dim, dim) {
+    block = register_module("block", torch::nn::Sequential(dwconv, permute({0, 2, 3, 1}), norm, pwconv1, torch::nn::GELU(),
+                                                           pwconv2, permute({0, 3, 1, 2})));
     layer_scale = register_parameter("layer_scale", torch::full({dim, 1, 1}, layer_scale_init));
   }
-  Tensor forward(const Tensor& x) { return stochastic_depth(layer_scale * block->forward(x), drop_prob_, is_training()) + x; }
+  Tensor forward(const Tensor& x) {  // block->forward, with each Linear's input recomputable
+    auto h = pwconv1->forward_recompute(norm_input(*norm, dwconv(x).permute({0, 2, 3, 1})));
+    auto z = pwconv2->forward_recompute(RecomputableInput::gelu(h)).permute({0, 3, 1, 2});
+    return stochastic_depth(layer_scale * z, drop_prob_, is_training()) + x;
+  }
   double drop_prob_;
+  nn::Conv2d dwconv;  // block's modules, also held here by type (the Sequential holds the same ones)
+  torch::nn::LayerNorm norm;
+  nn::Linear pwconv1, pwconv2;
   torch::nn::Sequential block{nullptr};
   Tensor layer_scale;
 };
@@ -204,20 +220,12 @@ TORCH_MODULE(ConvNeXt);
 // VisionTransformer: conv_proj patches, class_token, encoder (pos_embedding, encoder_layer_i,
 // ln), heads.head on the class token.
 
-/// Scaled dot-product attention over `heads` heads of fused projections qkv [N, L, 3D] -> [N, L, D],
-/// as torch.nn.MultiheadAttention computes it (q scaled by 1/sqrt(head_dim) before q k^T).
-Tensor multi_head_attention(const Tensor& qkv, int64_t heads) {
-  const int64_t n = qkv.size(0), len = qkv.size(1), dim = qkv.size(2) / 3, hd = dim / heads;
-  auto split = qkv.view({n, len, 3, heads, hd}).permute({2, 0, 3, 1, 4});  // [3, N, H, L, hd]
-  auto q = split[0] / std::sqrt(static_cast<double>(hd)), k = split[1], v = split[2];
-  auto attn = torch::softmax(torch::matmul(q, k.transpose(-2, -1)), -1);
-  return torch::matmul(attn, v).transpose(1, 2).reshape({n, len, dim});
-}
-
 /// torch.nn.MultiheadAttention (batch_first, self-attention, no dropout) with its fused input
 /// projection held as an adaptable Linear `in_proj` [3D, D] instead of bare in_proj_weight /
 /// in_proj_bias tensors: adapters then take the factorized Linear path. vit_public_name maps the
-/// keys back to torch's names.
+/// keys back to torch's names. Scaled dot-product attention over `heads` heads as torch computes
+/// it (q scaled by 1/sqrt(head_dim) before q k^T); the merged heads feed out_proj as a
+/// RecomputableInput, so its adapter keeps the attention weights and values, not the heads.
 struct SelfAttentionImpl : torch::nn::Module {
   SelfAttentionImpl(int64_t dim, int64_t heads) : heads_(heads) {
     TORCH_CHECK(dim % heads == 0, "attention width ", dim, " is not divisible by ", heads, " heads");
@@ -229,7 +237,14 @@ struct SelfAttentionImpl : torch::nn::Module {
     in_proj->bias.zero_();
     out_proj->bias.zero_();
   }
-  Tensor forward(const Tensor& x) { return out_proj(multi_head_attention(in_proj(x), heads_)); }
+  Tensor forward(const RecomputableInput& in) {
+    const Tensor qkv = in_proj->forward_recompute(in);  // [N, L, 3D]
+    const int64_t n = qkv.size(0), len = qkv.size(1), dim = qkv.size(2) / 3, hd = dim / heads_;
+    auto split = qkv.view({n, len, 3, heads_, hd}).permute({2, 0, 3, 1, 4});  // [3, N, H, L, hd]
+    auto q = split[0] / std::sqrt(static_cast<double>(hd)), k = split[1];
+    auto attn = torch::softmax(torch::matmul(q, k.transpose(-2, -1)), -1);
+    return out_proj->forward_recompute(RecomputableInput::attention_heads(attn, split[2]));
+  }
   int64_t heads_;
   nn::Linear in_proj{nullptr}, out_proj{nullptr};
 };
@@ -253,9 +268,10 @@ struct EncoderBlockImpl : torch::nn::Module {
         l->bias.normal_(0.0, 1e-6);
       }
   }
-  Tensor forward(const Tensor& x) {
-    auto y = x + self_attention(ln_1(x));
-    return y + mlp->forward(ln_2(y));
+  Tensor forward(const Tensor& x) {  // mlp->forward, with each Linear's input recomputable
+    auto y = x + self_attention->forward(norm_input(*ln_1, x));
+    auto h = mlp->ptr<nn::LinearImpl>(0)->forward_recompute(norm_input(*ln_2, y));
+    return y + mlp->ptr<nn::LinearImpl>(3)->forward_recompute(RecomputableInput::gelu(h));
   }
   torch::nn::LayerNorm ln_1{nullptr}, ln_2{nullptr};
   SelfAttention self_attention{nullptr};

@@ -4,6 +4,10 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <ATen/autocast_mode.h>
+
+#include <cmath>
+#include <functional>
 #include <string>
 
 #include "flora/flora.h"
@@ -401,6 +405,169 @@ TEST(LinearBranch, EqualsDenseMatmulAndLoRA) {
   // LoRA: in-mode identity, core = A [r, in], U_out = B [out, r]: x A^T B^T * s.
   auto a = torch::randn({3, 7}, kF64), b = torch::randn({5, 3}, kF64);
   EXPECT_LT(max_abs_diff(F::linear_branch(x, a, {b, Tensor()}, 0.5), x.matmul(a.t()).matmul(b.t()) * 0.5), 1e-12);
+}
+
+// One row per way of computing a Linear's input: the sources (double, requiring gradients), the
+// recipe, and x computed directly with torch's ops as the reference.
+struct RecomputeCase {
+  std::string name;
+  std::function<std::vector<Tensor>()> sources;
+  std::function<F::RecomputableInput(const std::vector<Tensor>&)> make;
+  std::function<Tensor(const std::vector<Tensor>&)> direct;
+};
+
+std::vector<RecomputeCase> recompute_cases() {
+  auto grad = [](Tensor t) { return t.requires_grad_(true); };
+  return {
+      {"gelu", [=] { return std::vector<Tensor>{grad(torch::randn({2, 3, 6}, kF64))}; },
+       [](const std::vector<Tensor>& s) { return F::RecomputableInput::gelu(s[0]); },
+       [](const std::vector<Tensor>& s) { return 0.5 * s[0] * (1 + torch::erf(s[0] / std::sqrt(2.0))); }},
+      {"gelu_tanh", [=] { return std::vector<Tensor>{grad(torch::randn({5, 6}, kF64))}; },
+       [](const std::vector<Tensor>& s) { return F::RecomputableInput::gelu(s[0], "tanh"); },
+       [](const std::vector<Tensor>& s) {
+         return 0.5 * s[0] * (1 + torch::tanh(std::sqrt(2.0 / M_PI) * (s[0] + 0.044715 * s[0].pow(3))));
+       }},
+      {"layer_norm_affine",
+       [=] {
+         return std::vector<Tensor>{grad(torch::randn({2, 3, 6}, kF64)), grad(torch::randn({6}, kF64)),
+                                    grad(torch::randn({6}, kF64))};
+       },
+       [](const std::vector<Tensor>& s) { return F::RecomputableInput::layer_norm(s[0], {6}, s[1], s[2], 1e-5); },
+       [](const std::vector<Tensor>& s) {
+         auto mean = s[0].mean(-1, true), var = s[0].var(-1, false, true);
+         return (s[0] - mean) / torch::sqrt(var + 1e-5) * s[1] + s[2];
+       }},
+      {"layer_norm_plain_channels_last_view",  // ConvNeXt's: a permuted NCHW tensor, no affine
+       [=] { return std::vector<Tensor>{grad(torch::randn({2, 6, 3, 2}, kF64))}; },
+       [](const std::vector<Tensor>& s) {
+         return F::RecomputableInput::layer_norm(s[0].permute({0, 2, 3, 1}), {6}, Tensor(), Tensor(), 1e-6);
+       },
+       [](const std::vector<Tensor>& s) {
+         auto t = s[0].permute({0, 2, 3, 1});
+         return (t - t.mean(-1, true)) / torch::sqrt(t.var(-1, false, true) + 1e-6);
+       }},
+      {"attention_heads",  // attn [N, H, L, S] from a softmax, v a strided view as in the ViT
+       [=] { return std::vector<Tensor>{grad(torch::randn({2, 2, 4, 5}, kF64)), grad(torch::randn({2, 5, 2, 3}, kF64))}; },
+       [](const std::vector<Tensor>& s) {
+         return F::RecomputableInput::attention_heads(torch::softmax(s[0], -1), s[1].transpose(1, 2));
+       },
+       [](const std::vector<Tensor>& s) {
+         return torch::einsum("nhls,nshd->nlhd", {torch::softmax(s[0], -1), s[1]}).reshape({2, 4, 6});
+       }},
+  };
+}
+
+// FLoRA (U_out, G, U_in) and LoRA (identity in-mode: the core is A) on x [..., 6] -> [..., 5].
+std::vector<std::pair<Tensor, std::vector<Tensor>>> recompute_adapters() {
+  auto g = [](Tensor t) { return t.requires_grad_(true); };
+  return {{g(torch::randn({3, 2}, kF64)), {g(torch::randn({5, 3}, kF64)), g(torch::randn({6, 2}, kF64))}},
+          {g(torch::randn({3, 6}, kF64)), {g(torch::randn({5, 3}, kF64)), Tensor()}}};
+}
+
+TEST(RecomputableInput, ValueEqualsTheDirectFormula) {
+  for (const auto& c : recompute_cases()) {
+    auto s = c.sources();
+    EXPECT_LT(max_abs_diff(c.make(s).value(), c.direct(s)), 1e-12) << c.name;
+  }
+}
+
+TEST(RecomputableInput, BranchEqualsThePlainBranchInOutputAndEveryGradient) {
+  for (const auto& c : recompute_cases())
+    for (auto [core, f] : recompute_adapters()) {
+      auto s = c.sources();
+      std::vector<Tensor> params = s;
+      params.push_back(core);
+      for (auto& u : f)
+        if (u.defined()) params.push_back(u);
+      auto run = [&](bool recompute) {
+        for (auto& p : params) p.mutable_grad() = Tensor();
+        auto in = c.make(s);
+        auto y = recompute ? F::linear_branch(in, core, f, 0.7) : F::linear_branch(in.value(), core, f, 0.7);
+        // A weight per output entry, so no gradient is a plain sum; x^2 so x's gradient matters.
+        (y.pow(2) * torch::linspace(0.5, 1.5, y.numel(), kF64).view(y.sizes())).sum().backward();
+        std::vector<Tensor> grads{y.detach()};
+        for (auto& p : params) grads.push_back(p.grad().clone());
+        return grads;
+      };
+      auto a = run(true), b = run(false);
+      for (size_t i = 0; i < a.size(); ++i)
+        EXPECT_LT(max_abs_diff(a[i], b[i]), 1e-12) << c.name << (i ? " gradient " + std::to_string(i - 1) : " output");
+    }
+}
+
+TEST(RecomputableInput, GradientsMatchFiniteDifferences) {
+  for (const auto& c : recompute_cases()) {
+    auto s = c.sources();
+    auto [core, f] = recompute_adapters()[0];
+    std::vector<Tensor> params = s;
+    params.insert(params.end(), {core, f[0], f[1]});
+    auto loss = [&] { return F::linear_branch(c.make(s), core, f, 0.7).pow(2).sum(); };
+    EXPECT_LT(flora_test::finite_difference_error(loss, params), 1e-6) << c.name;
+  }
+}
+
+TEST(RecomputableInput, DoesNotKeepTheInputAliveWhereThePlainBranchDoes) {
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  for (const auto& c : recompute_cases())
+    for (bool recompute : {true, false}) {
+      auto s = c.sources();
+      auto [core, f] = recompute_adapters()[0];
+      Tensor y;
+      Weak x = [&] {
+        auto in = c.make(s);
+        y = recompute ? F::linear_branch(in, core, f, 0.7) : F::linear_branch(in.value(), core, f, 0.7);
+        return Weak(in.value().getIntrusivePtr());
+      }();
+      // The graph behind y is alive; x is kept only if some node saved it.
+      EXPECT_EQ(x.expired(), recompute) << c.name << (recompute ? " recomputed" : " plain");
+      y.sum().backward();  // and backward still works with x gone
+      EXPECT_TRUE(f[1].grad().defined()) << c.name;
+    }
+}
+
+TEST(RecomputableInput, UnderBf16AutocastMatchesThePlainBranch) {
+  for (const auto& c : recompute_cases()) {
+    std::vector<Tensor> s;
+    for (auto& t : c.sources()) s.push_back(t.detach().to(torch::kFloat32).requires_grad_(true));
+    auto core = torch::randn({3, 2}).requires_grad_(true);
+    std::vector<Tensor> f{torch::randn({5, 3}).requires_grad_(true), torch::randn({6, 2}).requires_grad_(true)};
+    auto run = [&](bool recompute) {
+      for (auto* p : {&core, &f[0], &f[1], &s[0]}) p->mutable_grad() = Tensor();
+      at::autocast::set_cpu_enabled(true);
+      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+      auto in = c.make(s);
+      auto y = recompute ? F::linear_branch(in, core, f, 0.7) : F::linear_branch(in.value(), core, f, 0.7);
+      at::autocast::clear_cache();
+      at::autocast::set_cpu_enabled(false);
+      y.to(torch::kFloat32).pow(2).sum().backward();
+      return std::vector<Tensor>{y.detach(), core.grad().clone(), f[0].grad().clone(), f[1].grad().clone(), s[0].grad().clone()};
+    };
+    auto a = run(true), b = run(false);
+    EXPECT_EQ(a[0].scalar_type(), b[0].scalar_type()) << c.name;
+    for (size_t i = 0; i < a.size(); ++i) {
+      const double scale = std::max(1.0, b[i].to(torch::kFloat64).abs().max().item<double>());
+      EXPECT_LT(max_abs_diff(a[i], b[i]) / scale, 2e-2) << c.name << " tensor " << i;
+    }
+  }
+}
+
+TEST(RecomputableInput, RefusesDoubleBackwardWithAClearError) {
+  auto h = torch::randn({3, 6}, kF64).requires_grad_(true);
+  auto [core, f] = recompute_adapters()[0];
+  auto y = F::linear_branch(F::RecomputableInput::gelu(h), core, f, 1.0);
+  const auto m = flora_test::error_message(
+      [&] { torch::autograd::grad({y.pow(2).sum()}, {f[1]}, {}, /*retain_graph=*/true, /*create_graph=*/true); });
+  EXPECT_NE(m.find("double backward (create_graph) through a RecomputableInput"), std::string::npos) << m;
+}
+
+TEST(RecomputableInput, RejectsBadRecipes) {
+  EXPECT_NE(flora_test::error_message([] { F::RecomputableInput::gelu(torch::randn({2}), "fast"); })
+                .find("approximate 'fast', expected 'none' or 'tanh'"),
+            std::string::npos);
+  EXPECT_NE(flora_test::error_message([] {
+              F::RecomputableInput::attention_heads(torch::randn({1, 2, 3, 4}), torch::randn({1, 2, 5, 8}));
+            }).find("attn [1, 2, 3, 4] and v [1, 2, 5, 8], expected [N, H, L, S] and [N, H, S, hd]"),
+            std::string::npos);
 }
 
 TEST(EmbeddingBranch, EqualsRowsOfDenseDelta) {

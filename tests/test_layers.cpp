@@ -818,6 +818,51 @@ TEST(FloraConv, DropoutActsOnAdapterInputOnlyInTraining) {
   EXPECT_LT(max_abs_diff(conv->forward(x), clean), 1e-6);
 }
 
+TEST(FloraLinear, ForwardRecomputeEqualsForwardInEveryState) {
+  // Same output and gradients as forward(in.value()) with an adapter (FLoRA, LoRA), with none,
+  // merged, disabled, with the switch off, and with active dropout (which keeps its input).
+  namespace F = flora::functional;
+  struct Row {
+    std::string name;
+    AdapterOptions options;
+    std::function<void(flora::nn::LinearImpl&)> state;
+  };
+  const std::vector<Row> rows{
+      {"flora", AdapterOptions().ranks({3, 2}), [](auto&) {}},
+      {"lora", AdapterOptions().method(Method::Lora).rank(3), [](auto&) {}},
+      {"no adapter", AdapterOptions(), [](auto& l) { l.delete_adapter("default"); }},
+      {"merged", AdapterOptions().ranks({3, 2}), [](auto& l) { l.merge(); }},
+      {"disabled", AdapterOptions().ranks({3, 2}), [](auto& l) { l.set_adapters_enabled(false); }},
+      {"switch off", AdapterOptions().ranks({3, 2}), [](auto&) { flora::nn::set_recompute_inputs(false); }},
+      {"dropout", AdapterOptions().ranks({3, 2}).dropout(0.3), [](auto&) {}},
+  };
+  for (const auto& row : rows) {
+    torch::manual_seed(3);
+    flora::nn::Linear lin(6, 5);
+    auto a = lin->add_adapter("default", row.options);
+    randomize(a->parameters());
+    row.state(*lin);
+    auto h = torch::randn({2, 3, 6}, torch::requires_grad());
+    auto run = [&](bool recompute) {
+      std::vector<Tensor> params{h};
+      for (auto& p : lin->parameters())
+        if (p.requires_grad()) params.push_back(p);
+      for (auto& p : params) p.mutable_grad() = Tensor();
+      torch::manual_seed(7);  // the same dropout mask both times
+      auto in = F::RecomputableInput::gelu(h);
+      auto y = recompute ? lin->forward_recompute(in) : lin->forward(in.value());
+      y.pow(2).sum().backward();
+      std::vector<Tensor> out{y.detach()};
+      for (auto& p : params) out.push_back(p.grad().defined() ? p.grad().clone() : torch::full_like(p, -7.0));
+      return out;
+    };
+    auto r = run(true), p = run(false);
+    ASSERT_EQ(r.size(), p.size()) << row.name;
+    for (size_t i = 0; i < r.size(); ++i) EXPECT_LT(max_abs_diff(r[i], p[i]), 1e-5) << row.name << " tensor " << i;
+    flora::nn::set_recompute_inputs(true);
+  }
+}
+
 TEST(FloraConv, WrapsAnExistingTorchLinearSharingWeights) {
   torch::nn::Linear base(4, 3);
   flora::nn::Linear wrapped(*base);

@@ -3,6 +3,7 @@
 // Usage:
 //   1. dW = tucker_delta(core, factors, s)      // factors[n] undefined = identity mode n
 //   2. y  = base(x) + linear_branch(x, core, factors, s)          // never forms dW
+//      y  = base(in.value()) + linear_branch(in, core, factors, s) // in: a RecomputableInput
 //      y  = conv_nd(x, W0, b, geo) + conv_branch(x, core, factors, s, geo)
 //      y  = conv_nd(x, W0, b, geo) + separable_branch(x, core, factors, s, geo)  // depthwise 2-d
 //      y  = embedding(idx, W0) + embedding_branch(idx, core, factors, s, padding_idx)
@@ -55,6 +56,55 @@ Tensor conv_nd(const Tensor& x, const Tensor& weight, const Tensor& bias, const 
 
 /// The Linear branch s * x U_in G^T U_out^T (x [..., in] -> [..., out]); never forms [out, in].
 Tensor linear_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale);
+
+/// A layer input x = f(sources) that backward recomputes instead of keeping. Training an input
+/// factor (U_in, LoRA's A) needs the layer's input for its gradient, so an adapter keeps x alive
+/// until backward. Where x is GELU(h), LayerNorm(h) or attention heads, the frozen network keeps
+/// only f's own inputs (h, the attention weights and values), which f's backward needs anyway:
+/// keeping x is then the adapters' whole activation overhead (ViT-S/16 at 224 px: +55 %).
+/// A factory computes x with autograd as usual and remembers f and its sources; the
+/// linear_branch overload below keeps the sources (shared, no copy) and recomputes x in backward.
+/// The sources must not be modified in place afterwards (autograd checks their versions).
+///   auto in = RecomputableInput::gelu(h);
+///   y = torch::linear(in.value(), W0, b) + linear_branch(in, core, factors, s);
+class RecomputableInput {
+ public:
+  enum class Op { Gelu, LayerNorm, AttentionHeads };
+  /// x = gelu(h, approximate), approximate "none" or "tanh" (torch::gelu).
+  static RecomputableInput gelu(const Tensor& h, const std::string& approximate = "none");
+  /// x = layer_norm(h, normalized_shape, weight, bias, eps); weight and bias may be undefined.
+  static RecomputableInput layer_norm(const Tensor& h, std::vector<int64_t> normalized_shape, const Tensor& weight,
+                                      const Tensor& bias, double eps);
+  /// x = attn @ v with the heads merged: attn [N, H, L, S], v [N, H, S, hd] -> [N, L, H * hd]
+  /// (v is made contiguous first, as matmul would copy it anyway, so that the copy is shared).
+  static RecomputableInput attention_heads(const Tensor& attn, const Tensor& v);
+
+  /// x, with autograd to the sources.
+  const Tensor& value() const { return value_; }
+  /// x computed again from `sources` (the same tensors as sources() or saved copies of them).
+  Tensor recompute(const std::vector<Tensor>& sources) const;
+  const std::vector<Tensor>& sources() const { return sources_; }
+  Op op() const { return op_; }
+  const std::string& approximate() const { return approximate_; }
+  const std::vector<int64_t>& normalized_shape() const { return shape_; }
+  double eps() const { return eps_; }
+  /// The same recipe with no sources or value: what backward rebuilds from its saved fields.
+  static RecomputableInput recipe(Op op, std::string approximate, std::vector<int64_t> normalized_shape, double eps);
+
+ private:
+  RecomputableInput() = default;
+  Op op_ = Op::Gelu;
+  std::string approximate_ = "none";
+  std::vector<int64_t> shape_;
+  double eps_ = 0.0;
+  std::vector<Tensor> sources_;
+  Tensor value_;
+};
+
+/// linear_branch(x.value(), ...), equal in output and gradients, but x is recomputed in
+/// backward (once, only when U_in or the core needs a gradient) rather than kept. Runs in the
+/// dtype autocast would pick (the branch's own dtype without autocast), as the plain overload.
+Tensor linear_branch(const RecomputableInput& x, const Tensor& core, const std::vector<Tensor>& factors, double scale);
 
 /// The factorized conv branch, equal to conv_nd(x, dW, {}, geo):
 /// grouped 1x1 (in -> groups*r_1) -> grouped core conv with kernel s*G x_2 U_2 ... carrying

@@ -40,6 +40,12 @@ class ConvNdImpl;
 namespace flora {
 namespace nn {
 
+/// Whether Linear::forward_recompute recomputes adapter inputs (default on). Off, it is
+/// forward(in.value()), keeping the input as every other layer does: for A/B measurements
+/// (`flora bench step --keep-inputs`). Process-wide; set it before forward, not during backward.
+void set_recompute_inputs(bool on);
+bool recompute_inputs();
+
 /// What every adaptable layer shares: named adapters, the active one, enable/disable, merge.
 class AdaptableLayer : public torch::nn::Module {
  public:
@@ -108,6 +114,12 @@ class LinearImpl : public AdaptableLayer {
   /// Wraps an existing torch Linear, sharing its weight and bias tensors.
   explicit LinearImpl(const torch::nn::LinearImpl& base);
   torch::Tensor forward(const torch::Tensor& x);
+  /// forward(in.value()) with the same output and gradients, but the adapter branch recomputes
+  /// its input in backward instead of keeping it (functional::RecomputableInput): a model whose
+  /// Linear follows a GELU, a LayerNorm or attention saves that activation's memory per adapted
+  /// layer. Not while adapter dropout is active (the dropped input is kept) or while
+  /// recompute_inputs() is off. A separate name, not an overload: Sequential needs one forward.
+  torch::Tensor forward_recompute(const functional::RecomputableInput& in);
   TargetInfo target_info() const override;
   void pretty_print(std::ostream& stream) const override;
   const torch::nn::LinearOptions& options() const { return options_; }

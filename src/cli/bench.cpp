@@ -39,6 +39,8 @@ struct StepArgs {
   int64_t rank = 8, batch_size = 16, image_size = 64, steps = 10, warmup = 2, num_classes = 0;
   double scale = 4.0, alpha = 16.0;
   bool json = false;
+  bool keep_inputs = false;          ///< nn::set_recompute_inputs(false) for the method's steps
+  bool against_keep_inputs = false;  ///< the same for the --against baseline's steps
   std::string profile;  ///< Chrome trace of the timed steps (LibTorch's autograd profiler)
   std::string against;  ///< a baseline method stepped alternately in the same process
 };
@@ -64,10 +66,12 @@ struct Stepper {
   std::vector<std::pair<std::string, torch::Tensor>> params;
   std::unique_ptr<train::FlatAdamW> adam;  // as flora train steps
   std::string method, mode;
+  bool keep_inputs = false;  // adapters keep their inputs (nn::set_recompute_inputs) in its steps
   torch::Tensor x, y;
   int64_t trainable = 0, steps = 0;
 
-  Stepper(const StepArgs& a, const std::string& method_) : method(method_), mode(a.mode) {
+  Stepper(const StepArgs& a, const std::string& method_, bool keep_inputs_)
+      : method(method_), mode(a.mode), keep_inputs(keep_inputs_) {
     train::TrainConfig c;
     c.model = a.model;
     c.method = method;
@@ -107,6 +111,7 @@ struct Stepper {
 
   void step() {
     ++steps;
+    nn::set_recompute_inputs(!keep_inputs);  // read in forward; the two steppers may differ
     if (mode == "infer") {
       torch::NoGradGuard g;
       model->forward(x);
@@ -137,9 +142,10 @@ int run_step(const StepArgs& a) {
   layout.memory_format = a.memory_format;
   const std::string memory_format = train::use_channels_last(layout) ? "channels-last" : "contiguous";
 
-  Stepper main(a, a.method);
+  if (a.against_keep_inputs && a.against.empty()) throw InvalidArgument("--against-keep-inputs needs --against METHOD");
+  Stepper main(a, a.method, a.keep_inputs);
   std::unique_ptr<Stepper> base;
-  if (!a.against.empty()) base = std::make_unique<Stepper>(a, a.against);
+  if (!a.against.empty()) base = std::make_unique<Stepper>(a, a.against, a.against_keep_inputs);
   auto& model = main.model;
   const auto& report = main.report;
   const int64_t trainable = main.trainable;
@@ -206,6 +212,7 @@ int run_step(const StepArgs& a) {
                         {"steps", a.steps},
                         {"threads", torch::get_num_threads()},
                         {"memory_format", memory_format},
+                        {"recompute_inputs", !a.keep_inputs},
                         {"median_step_s", med},
                         {"mean_step_s", mean},
                         {"min_step_s", *std::min_element(times.begin(), times.end())},
@@ -218,7 +225,7 @@ int run_step(const StepArgs& a) {
                         {"adapter_params", report.total_params()},
                         {"conv_paths", paths},
                         {"layers", layers}};
-    if (base) j["against"] = {{"method", a.against}, {"median_ratio", median(ratios)}};
+    if (base) j["against"] = {{"method", a.against}, {"recompute_inputs", !a.against_keep_inputs}, {"median_ratio", median(ratios)}};
     std::cout << j.dump() << "\n";
   } else {
     std::printf("%s %s (%s, %s): median step %.4f s (mean %.4f, %lld steps after %lld warm-up), peak RSS %.0f MB (%.0f MB before "
@@ -268,6 +275,11 @@ void add_bench(CLI::App& app, std::function<int()>& run) {
                  "this process (the baseline first in every other pair); prints the median per-pair step-time ratio, which a "
                  "shared machine's drifts cancel out of "
                  "(peak RSS then counts both models)");
+  c->add_flag("--keep-inputs", a->keep_inputs, "Adapted Linears keep their inputs for backward instead of recomputing "
+              "them from the GELU / LayerNorm / attention before them (native ConvNeXt and ViT; docs/DESIGN.md): for A/B "
+              "memory measurements");
+  c->add_flag("--against-keep-inputs", a->against_keep_inputs, "--keep-inputs for the --against baseline's steps "
+              "(e.g. --method flora --against flora --against-keep-inputs: the time recomputation costs)");
   c->add_flag("--json", a->json, "Print one JSON object (median_step_s, peak_rss_mb, conv paths per layer, ...)");
   c->callback([a, &run] { run = [a] { return run_step(*a); }; });
   add_study(*bench, run);

@@ -128,6 +128,15 @@ j = json.loads(sys.argv[1])
 assert j["against"]["method"] == "frozen" and j["against"]["median_ratio"] > 0, j
 assert j["adapter_params"] > 0 and sum(j["conv_paths"].values()) == 5, j
 ' "$out"; then pass=$((pass + 1)); else echo "FAIL bench step --against: $out"; fail=$((fail + 1)); fi
+check "bench keep alone"  2 "--against-keep-inputs needs --against METHOD" -- bench step --model smallcnn --against-keep-inputs
+# --keep-inputs / --against-keep-inputs: reported per side (vit_s_16's Linears recompute their inputs)
+out=$("$flora" bench step --model vit_s_16 --method lora --rank 2 --targets '.*mlp\.3' --against lora --against-keep-inputs --batch-size 1 --image-size 16 --steps 2 --warmup 0 --json 2>&1)
+if /usr/bin/python3 -c '
+import json, sys
+j = json.loads(sys.argv[1])
+assert j["recompute_inputs"] is True and j["against"]["recompute_inputs"] is False, j
+assert j["against"]["median_ratio"] > 0, j
+' "$out"; then pass=$((pass + 1)); else echo "FAIL bench step --against-keep-inputs: $out"; fail=$((fail + 1)); fi
 check "bench bad model"   2 "neither a TorchScript"  -- bench step --model resnet999
 # conv paths: hybrid runs on every groups-1 conv; grouped convs and unknown names are refused first
 check "bench bad path"    2 "separable or hybrid"    -- bench step --model smallcnn --conv-path bogus
