@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build ccache
-  libtorch-dev libopenblas0-pthread      # LibTorch 1.13 (CPU); OpenBLAS: ~30x faster GEMM than reference BLAS
+  libtorch-dev libopenblas0-openmp       # LibTorch 1.13 (CPU); OpenBLAS on OpenMP: ~30x faster GEMM than reference BLAS
   nlohmann-json3-dev libcli11-dev        # JSON, command line
   libgloo-dev                            # c10d Gloo headers (data-parallel training; the library is in LibTorch)
   libyaml-cpp-dev libstb-dev             # trainer configs; image decoding (PNG, JPEG, BMP)

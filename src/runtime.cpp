@@ -85,6 +85,17 @@ int blas_threads() {
   return -1;
 }
 
+std::string blas_threading() {
+  auto get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
+  if (!get) return "";
+  switch (get()) {
+    case 0: return "sequential";
+    case 1: return "pthreads";
+    case 2: return "openmp";
+    default: return "unknown";
+  }
+}
+
 namespace {
 
 // Freed CPU blocks of 1 MiB and more, kept by rounded size for the next tensor that fits.

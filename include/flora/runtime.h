@@ -25,6 +25,10 @@ int usable_cpus();
 int configure_threads(int requested = 0);
 /// OpenBLAS's thread count, or -1 when the BLAS in use is not OpenBLAS.
 int blas_threads();
+/// How OpenBLAS runs its threads: "openmp" (on LibTorch's OpenMP threads), "pthreads" (its own
+/// pool, which competes with LibTorch's spinning OpenMP workers for the cores: slow at more than
+/// 1 thread, docs/PERFORMANCE.md "Threads and BLAS"), "sequential", or "" when not OpenBLAS.
+std::string blas_threading();
 
 /// What the CPU block cache holds and has done (all zero until configure_allocator installs it).
 struct CpuCacheStats {

@@ -164,7 +164,15 @@ int run_doctor() {
   auto a = torch::randn({n, n});
   a.mm(a);  // warm up (loads the BLAS)
   std::cout << "BLAS library: " << loaded_blas() << "\n";
-  if (flora::blas_threads() > 0) std::cout << "BLAS threads: " << flora::blas_threads() << " (set with the intra-op threads)\n";
+  if (flora::blas_threads() > 0) {
+    const std::string how = flora::blas_threading();
+    std::cout << "BLAS threads: " << flora::blas_threads() << " (set with the intra-op threads; "
+              << (how == "openmp" ? "OpenMP, sharing LibTorch's threads" : how) << ")\n";
+    if (how == "pthreads" && at::get_num_threads() > 1)
+      std::cout << "warning: OpenBLAS's pthreads build competes with LibTorch's OpenMP threads; GEMM-heavy models "
+                   "train up to 4x slower at more than 1 thread (hint: apt-get install libopenblas0-openmp and rebuild, "
+                   "or run with OMP_WAIT_POLICY=PASSIVE)\n";
+  }
   double best = 1e30;
   for (int i = 0; i < 3; ++i) {
     auto t0 = std::chrono::steady_clock::now();
@@ -174,7 +182,7 @@ int run_doctor() {
   const double gflops = 2.0 * n * n * n / best / 1e9;
   std::printf("GEMM %lldx%lldx%lld float32: %.1f GFLOP/s\n", (long long)n, (long long)n, (long long)n, gflops);
   if (gflops < 20.0)
-    std::cout << "warning: GEMM is slow; the reference BLAS may be in use (hint: apt-get install libopenblas0-pthread)\n";
+    std::cout << "warning: GEMM is slow; the reference BLAS may be in use (hint: apt-get install libopenblas0-openmp)\n";
   const bool cuda = torch::cuda::is_available();
   std::cout << "CUDA: " << (cuda ? std::to_string(torch::cuda::device_count()) + " device(s)" : "not available") << "\n";
   return 0;

@@ -115,6 +115,19 @@ done
 out=$(env -u OMP_NUM_THREADS -u SLURM_CPUS_PER_TASK "$flora" --threads 1 doctor 2>&1)
 if [[ $out == *"threads: 1 (from --threads;"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor --threads: $out"; fail=$((fail + 1)); fi
 check "threads negative"  2 "--threads"              -- --threads -1 doctor
+# BLAS: with OpenBLAS's OpenMP build installed, the binary loads it whatever the system's
+# alternative says (CMakeLists.txt, FLORA_OPENMP_BLAS); the pthreads build is reported with a warning
+omp_dir=/usr/lib/x86_64-linux-gnu/openblas-openmp pth_dir=/usr/lib/x86_64-linux-gnu/openblas-pthread
+if [[ -e $omp_dir/libblas.so.3 ]] && readelf -d "$flora" | grep -q "openblas-openmp"; then
+  out=$("$flora" --threads 2 doctor 2>&1)
+  if [[ $out == *"BLAS library: $omp_dir/"*"(set with the intra-op threads; OpenMP, sharing LibTorch's threads)"* && $out != *warning* ]]
+  then pass=$((pass + 1)); else echo "FAIL doctor blas openmp: $out"; fail=$((fail + 1)); fi
+  if [[ -e $pth_dir/libblas.so.3 ]]; then
+    out=$(LD_LIBRARY_PATH=$pth_dir "$flora" --threads 2 doctor 2>&1)
+    if [[ $out == *"pthreads)"*"warning: OpenBLAS's pthreads build competes"* ]]
+    then pass=$((pass + 1)); else echo "FAIL doctor blas pthreads: $out"; fail=$((fail + 1)); fi
+  fi
+fi
 if [[ $(nproc --all) -gt 1 ]] && command -v taskset >/dev/null; then  # one CPU allowed: one thread, and said why
   out=$(env -u OMP_NUM_THREADS -u SLURM_CPUS_PER_TASK taskset -c 0 "$flora" doctor 2>&1)
   if [[ $out == *"threads: 1 (from the CPUs this process may run on (1 of"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor taskset: $out"; fail=$((fail + 1)); fi
