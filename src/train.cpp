@@ -128,7 +128,7 @@ const std::map<std::string, Key>& keys() {
       DBL_KEY(clip_grad), STR_KEY(schedule), INT_KEY(warmup_steps), STR_KEY(precision), BOOL_KEY(update_batchnorm),
       {"seed", {[](TrainConfig& c, const std::string& v) { c.seed = static_cast<uint64_t>(to_int("seed", v)); },
                 [](const TrainConfig& c) { return std::to_string(c.seed); }}},
-      STR_KEY(device), STR_KEY(memory_format), STR_KEY(out), BOOL_KEY(resume), INT_KEY(log_every), INT_KEY(checkpoint_every), DBL_KEY(dist_timeout),
+      STR_KEY(device), STR_KEY(memory_format), BOOL_KEY(recompute_inputs), STR_KEY(out), BOOL_KEY(resume), INT_KEY(log_every), INT_KEY(checkpoint_every), DBL_KEY(dist_timeout),
   };
   return k;
 }
@@ -790,6 +790,7 @@ int run_training(const TrainConfig& c) {
   const int64_t total = c.steps > 0 ? c.steps : c.epochs * steps_per_epoch;
   const int64_t epochs = (total + steps_per_epoch - 1) / steps_per_epoch;
   const bool bf16 = c.precision == "bf16";
+  flora::nn::set_recompute_inputs(c.recompute_inputs);
 
 
   auto save_adapter_to = [&](const fs::path& dir) {

@@ -262,6 +262,11 @@ TEST(Train, ConfigOverridesAndErrors) {
   EXPECT_THROW(flora::train::load_config("", {"novalue"}), flora::InvalidArgument);
   EXPECT_THROW(flora::train::load_config("/nonexistent.yaml", {}), flora::InvalidArgument);
   EXPECT_NE(c.to_yaml().find("lr: 0.5"), std::string::npos);
+  EXPECT_TRUE(c.recompute_inputs);  // the default
+  EXPECT_NE(c.to_yaml().find("recompute_inputs: true"), std::string::npos);
+  EXPECT_FALSE(flora::train::load_config("", {"recompute-inputs=false"}).recompute_inputs);
+  const auto e = flora_test::error_message<flora::InvalidArgument>([] { flora::train::load_config("", {"recompute_inputs=maybe"}); });
+  EXPECT_NE(e.find("recompute_inputs"), std::string::npos) << e;
 }
 
 TEST(Train, SvgChartScalesSeriesIntoTheFrame) {

@@ -61,6 +61,7 @@ struct TrainConfig {
   uint64_t seed = 0;
   std::string device = "cpu";
   std::string memory_format = "auto"; ///< auto (channels-last on CPU) | channels-last | contiguous: conv weights' layout
+  bool recompute_inputs = true;      ///< adapted Linears after GELU / LayerNorm / attention recompute their input in backward (nn::set_recompute_inputs)
   // run
   std::string out;
   bool resume = false;

@@ -63,6 +63,7 @@ const Flag kFlags[] = {
     {"seed", "Random seed (data order, augmentation, initialization)"},
     {"device", "cpu or cuda"},
     {"memory_format", "Conv weights' layout: auto (channels-last on cpu), channels-last or contiguous"},
+    {"recompute_inputs", "Adapted Linears after a GELU, LayerNorm or attention recompute their input in backward instead of keeping it (less memory, a few % more time; native ConvNeXt and ViT)"},
     {"out", "Run directory"},
     {"log_every", "Log a metrics line every N steps"},
     {"checkpoint_every", "Checkpoint every N steps (0: each epoch)"},
