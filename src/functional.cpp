@@ -485,12 +485,30 @@ namespace {
 struct AutocastState {
   bool cpu = at::autocast::is_cpu_enabled(), gpu = at::autocast::is_enabled();
   at::ScalarType cpu_dtype = at::autocast::get_autocast_cpu_dtype(), gpu_dtype = at::autocast::get_autocast_gpu_dtype();
+  bool cache = at::autocast::is_autocast_cache_enabled();
   void apply() const {
     at::autocast::set_cpu_enabled(cpu);
     at::autocast::set_enabled(gpu);
     at::autocast::set_autocast_cpu_dtype(cpu_dtype);
     at::autocast::set_autocast_gpu_dtype(gpu_dtype);
+    at::autocast::set_autocast_cache_enabled(cache);
   }
+};
+
+// Puts a saved autocast state in place for its lifetime, with autocast's cast cache off (a cast
+// cached during backward would outlive the caller's clear_cache()), and the current one back after.
+class AutocastStateGuard {
+ public:
+  explicit AutocastStateGuard(AutocastState then) {
+    then.cache = false;
+    then.apply();
+  }
+  ~AutocastStateGuard() { now_.apply(); }
+  AutocastStateGuard(const AutocastStateGuard&) = delete;
+  AutocastStateGuard& operator=(const AutocastStateGuard&) = delete;
+
+ private:
+  AutocastState now_;
 };
 
 // h = x A^T for x = f(sources) [..., in] and A [r, in], keeping the sources and A but not x.
@@ -517,30 +535,26 @@ struct RecomputedProjection : public torch::autograd::Function<RecomputedProject
     const auto saved = ctx->get_saved_variables();
     const Tensor& a = saved[0];
     const Tensor& g = grads[0];
-    if (torch::GradMode::is_enabled())  // create_graph: the gradient's dependence on the sources is not recorded
-      throw InvalidArgument("linear_branch: double backward (create_graph) through a RecomputableInput is not supported "
-                            "(hint: pass in.value() instead, or flora::nn::set_recompute_inputs(false))");
     torch::autograd::variable_list out(4);
     if (ctx->needs_input_grad(0)) out[0] = g.matmul(a);
     if (ctx->needs_input_grad(1)) {
+      if (torch::GradMode::is_enabled())  // create_graph: dA's dependence on the sources is not recorded
+        throw InvalidArgument("linear_branch: double backward (create_graph) through a RecomputableInput is not supported "
+                              "(hint: pass in.value() instead, or flora::nn::set_recompute_inputs(false))");
       auto& d = ctx->saved_data;
       const auto recipe = RecomputableInput::recipe(static_cast<RecomputableInput::Op>(d["op"].toInt()),
                                                     d["approximate"].toStringRef(), d["shape"].toIntVector(),
                                                     d["eps"].toDouble());
-      AutocastState now, then;
+      AutocastState then;
       then.cpu = d["cpu"].toBool();
       then.gpu = d["gpu"].toBool();
       then.cpu_dtype = static_cast<at::ScalarType>(d["cpu_dtype"].toInt());
       then.gpu_dtype = static_cast<at::ScalarType>(d["gpu_dtype"].toInt());
       Tensor x;
-      try {
-        then.apply();
+      {
+        AutocastStateGuard as_in_forward(then);
         x = recipe.recompute(std::vector<Tensor>(saved.begin() + 1, saved.end()));
-      } catch (...) {
-        now.apply();
-        throw;
       }
-      now.apply();
       if (x.scalar_type() != a.scalar_type()) x = x.to(a.scalar_type());
       out[1] = g.reshape({-1, g.size(-1)}).t().matmul(x.reshape({-1, x.size(-1)}));
     }
@@ -548,9 +562,10 @@ struct RecomputedProjection : public torch::autograd::Function<RecomputedProject
   }
 };
 
-// The dtype the plain branch's matmul runs in: autocast's where it is on, else t's own.
+// The dtype the plain branch's matmul runs in: autocast's where it is on, else t's own
+// (autocast leaves double alone).
 at::ScalarType branch_dtype(const Tensor& t, const AutocastState& autocast) {
-  if (!at::isFloatingType(t.scalar_type())) return t.scalar_type();
+  if (!at::isFloatingType(t.scalar_type()) || t.scalar_type() == at::kDouble) return t.scalar_type();
   if (t.is_cuda() && autocast.gpu) return autocast.gpu_dtype;
   if (t.is_cpu() && autocast.cpu) return autocast.cpu_dtype;
   return t.scalar_type();

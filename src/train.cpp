@@ -790,7 +790,11 @@ int run_training(const TrainConfig& c) {
   const int64_t total = c.steps > 0 ? c.steps : c.epochs * steps_per_epoch;
   const int64_t epochs = (total + steps_per_epoch - 1) / steps_per_epoch;
   const bool bf16 = c.precision == "bf16";
-  flora::nn::set_recompute_inputs(c.recompute_inputs);
+  struct RecomputeSwitch {  // the run's setting, and the caller's back afterwards
+    bool before = flora::nn::recompute_inputs();
+    explicit RecomputeSwitch(bool on) { flora::nn::set_recompute_inputs(on); }
+    ~RecomputeSwitch() { flora::nn::set_recompute_inputs(before); }
+  } recompute_switch(c.recompute_inputs);
 
 
   auto save_adapter_to = [&](const fs::path& dir) {

@@ -422,6 +422,9 @@ std::vector<RecomputeCase> recompute_cases() {
       {"gelu", [=] { return std::vector<Tensor>{grad(torch::randn({2, 3, 6}, kF64))}; },
        [](const std::vector<Tensor>& s) { return F::RecomputableInput::gelu(s[0]); },
        [](const std::vector<Tensor>& s) { return 0.5 * s[0] * (1 + torch::erf(s[0] / std::sqrt(2.0))); }},
+      {"gelu_unbatched", [=] { return std::vector<Tensor>{grad(torch::randn({6}, kF64))}; },
+       [](const std::vector<Tensor>& s) { return F::RecomputableInput::gelu(s[0]); },
+       [](const std::vector<Tensor>& s) { return 0.5 * s[0] * (1 + torch::erf(s[0] / std::sqrt(2.0))); }},
       {"gelu_tanh", [=] { return std::vector<Tensor>{grad(torch::randn({5, 6}, kF64))}; },
        [](const std::vector<Tensor>& s) { return F::RecomputableInput::gelu(s[0], "tanh"); },
        [](const std::vector<Tensor>& s) {
@@ -525,22 +528,37 @@ TEST(RecomputableInput, DoesNotKeepTheInputAliveWhereThePlainBranchDoes) {
     }
 }
 
-TEST(RecomputableInput, UnderBf16AutocastMatchesThePlainBranch) {
+TEST(RecomputableInput, UnderBf16AutocastMatchesThePlainBranchAndLeavesAutocastAsItWas) {
+  struct AutocastOff {  // however the test ends
+    ~AutocastOff() {
+      at::autocast::clear_cache();
+      at::autocast::set_cpu_enabled(false);
+    }
+  };
   for (const auto& c : recompute_cases()) {
     std::vector<Tensor> s;
     for (auto& t : c.sources()) s.push_back(t.detach().to(torch::kFloat32).requires_grad_(true));
     auto core = torch::randn({3, 2}).requires_grad_(true);
     std::vector<Tensor> f{torch::randn({5, 3}).requires_grad_(true), torch::randn({6, 2}).requires_grad_(true)};
+    std::vector<Tensor> params{core, f[0], f[1]};
+    params.insert(params.end(), s.begin(), s.end());
     auto run = [&](bool recompute) {
-      for (auto* p : {&core, &f[0], &f[1], &s[0]}) p->mutable_grad() = Tensor();
-      at::autocast::set_cpu_enabled(true);
-      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-      auto in = c.make(s);
-      auto y = recompute ? F::linear_branch(in, core, f, 0.7) : F::linear_branch(in.value(), core, f, 0.7);
-      at::autocast::clear_cache();
-      at::autocast::set_cpu_enabled(false);
+      for (auto& p : params) p.mutable_grad() = Tensor();
+      Tensor y;
+      {
+        AutocastOff off;
+        at::autocast::set_cpu_enabled(true);
+        at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+        auto in = c.make(s);
+        y = recompute ? F::linear_branch(in, core, f, 0.7) : F::linear_branch(in.value(), core, f, 0.7);
+      }
       y.to(torch::kFloat32).pow(2).sum().backward();
-      return std::vector<Tensor>{y.detach(), core.grad().clone(), f[0].grad().clone(), f[1].grad().clone(), s[0].grad().clone()};
+      // backward put forward's autocast state in place for the recomputation, and took it away
+      EXPECT_FALSE(at::autocast::is_cpu_enabled()) << c.name;
+      EXPECT_TRUE(at::autocast::is_autocast_cache_enabled()) << c.name;
+      std::vector<Tensor> out{y.detach()};
+      for (auto& p : params) out.push_back(p.grad().clone());
+      return out;
     };
     auto a = run(true), b = run(false);
     EXPECT_EQ(a[0].scalar_type(), b[0].scalar_type()) << c.name;

@@ -826,6 +826,10 @@ TEST(FloraLinear, ForwardRecomputeEqualsForwardInEveryState) {
     std::string name;
     AdapterOptions options;
     std::function<void(flora::nn::LinearImpl&)> state;
+    bool input_grad = true;  // h on the graph (x then is too)
+  };
+  struct SwitchOn {  // the switch back on however the row ends
+    ~SwitchOn() { flora::nn::set_recompute_inputs(true); }
   };
   const std::vector<Row> rows{
       {"flora", AdapterOptions().ranks({3, 2}), [](auto&) {}},
@@ -835,16 +839,25 @@ TEST(FloraLinear, ForwardRecomputeEqualsForwardInEveryState) {
       {"disabled", AdapterOptions().ranks({3, 2}), [](auto& l) { l.set_adapters_enabled(false); }},
       {"switch off", AdapterOptions().ranks({3, 2}), [](auto&) { flora::nn::set_recompute_inputs(false); }},
       {"dropout", AdapterOptions().ranks({3, 2}).dropout(0.3), [](auto&) {}},
+      {"base weight trains", AdapterOptions().ranks({3, 2}), [](auto& l) { l.weight.requires_grad_(true); }},
+      {"input off the graph", AdapterOptions().ranks({3, 2}), [](auto&) {}, false},
+      {"only U_out trains", AdapterOptions().ranks({3, 2}),
+       [](auto& l) {
+         for (auto& item : l.named_parameters())
+           if (item.key().find("factor_0") == std::string::npos) item.value().requires_grad_(false);
+       }},
   };
   for (const auto& row : rows) {
+    SwitchOn switch_on;
     torch::manual_seed(3);
     flora::nn::Linear lin(6, 5);
     auto a = lin->add_adapter("default", row.options);
     randomize(a->parameters());
     row.state(*lin);
-    auto h = torch::randn({2, 3, 6}, torch::requires_grad());
+    auto h = torch::randn({2, 3, 6}).requires_grad_(row.input_grad);
     auto run = [&](bool recompute) {
-      std::vector<Tensor> params{h};
+      std::vector<Tensor> params;
+      if (h.requires_grad()) params.push_back(h);
       for (auto& p : lin->parameters())
         if (p.requires_grad()) params.push_back(p);
       for (auto& p : params) p.mutable_grad() = Tensor();
@@ -859,7 +872,6 @@ TEST(FloraLinear, ForwardRecomputeEqualsForwardInEveryState) {
     auto r = run(true), p = run(false);
     ASSERT_EQ(r.size(), p.size()) << row.name;
     for (size_t i = 0; i < r.size(); ++i) EXPECT_LT(max_abs_diff(r[i], p[i]), 1e-5) << row.name << " tensor " << i;
-    flora::nn::set_recompute_inputs(true);
   }
 }
 

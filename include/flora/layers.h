@@ -117,7 +117,9 @@ class LinearImpl : public AdaptableLayer {
   /// forward(in.value()) with the same output and gradients, but the adapter branch recomputes
   /// its input in backward instead of keeping it (functional::RecomputableInput): a model whose
   /// Linear follows a GELU, a LayerNorm or attention saves that activation's memory per adapted
-  /// layer. Not while adapter dropout is active (the dropped input is kept) or while
+  /// layer. It keeps x as forward does where recomputing saves nothing: without gradients, when
+  /// x is not on the graph (f's own backward then keeps no sources), when the base weight trains
+  /// (its matmul keeps x), while adapter dropout is active (the dropped input is kept), and while
   /// recompute_inputs() is off. A separate name, not an overload: Sequential needs one forward.
   torch::Tensor forward_recompute(const functional::RecomputableInput& in);
   TargetInfo target_info() const override;

@@ -170,7 +170,7 @@ int run_doctor() {
               << (how == "openmp" ? "OpenMP, sharing LibTorch's threads" : how) << ")\n";
     if (how == "pthreads" && at::get_num_threads() > 1)
       std::cout << "warning: OpenBLAS's pthreads build competes with LibTorch's OpenMP threads; GEMM-heavy models "
-                   "train up to 4x slower at more than 1 thread (hint: apt-get install libopenblas0-openmp and rebuild, "
+                   "train up to 5x slower at more than 1 thread (hint: apt-get install libopenblas0-openmp and rebuild, "
                    "or run with OMP_WAIT_POLICY=PASSIVE)\n";
   }
   double best = 1e30;

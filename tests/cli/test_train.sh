@@ -100,13 +100,15 @@ kill -INT $pid; wait $pid; rc=$?
   --data imagefolder:data/folder/train --image-size 8 --num-classes 4 --steps 3 --batch-size 4 --out run_ts
 [[ -s run_ts/adapter/adapter_model.safetensors ]] && ok || no "torchscript adapter"
 
-# 5a. Recomputed adapter inputs (ViT: LayerNorm, attention and GELU before its Linears) train the
-# same adapter as kept inputs.
-for r in true false; do
-  check "vit recompute $r" 0 "flora: done" -- train --model vit_s_16 --ranks 4,4 --data procedural:shapes --num-classes 10 \
-    --image-size 32 --batch-size 4 --steps 3 --lr 1e-2 --recompute-inputs $r --out run_vit_$r
+# 5a. Recomputed adapter inputs (ViT: LayerNorm, attention and GELU before its Linears; ConvNeXt:
+# a channels-last LayerNorm and GELU) train the same adapter as kept inputs.
+for m in vit_s_16 convnext_tiny; do
+  for r in true false; do
+    check "$m recompute $r" 0 "flora: done" -- train --model $m --targets all-linear --ranks 4,4 --data procedural:shapes \
+      --num-classes 10 --image-size 32 --batch-size 4 --steps 3 --lr 1e-2 --recompute-inputs $r --out run_${m}_$r
+  done
+  same run_${m}_true/adapter/adapter_model.safetensors run_${m}_false/adapter/adapter_model.safetensors && ok || no "$m recompute: adapters differ"
 done
-same run_vit_true/adapter/adapter_model.safetensors run_vit_false/adapter/adapter_model.safetensors >/dev/null && ok || no "vit recompute: adapters differ"
 
 # 5b. A NaN loss stops the run with a clear message and keeps the last good checkpoint.
 check "nan loss" 1 "loss is NaN" -- train --model smallcnn --data mnist:data/mnist --num-classes 10 --lr 1e30 --clip-grad 0 \
