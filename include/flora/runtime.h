@@ -21,7 +21,8 @@ ThreadChoice default_threads();
 int usable_cpus();
 /// Sets LibTorch's intra-op threads: `requested` if > 0, else default_threads() (Debian's
 /// LibTorch otherwise starts with 1 thread). Returns the count. OpenBLAS's own thread pool, when
-/// OpenBLAS is the BLAS, is set to the same count.
+/// OpenBLAS is the BLAS, is set to the same count; with OpenBLAS's pthreads build and more than 1
+/// thread it warns once (TORCH_WARN), as that build is slow there (see blas_threading()).
 int configure_threads(int requested = 0);
 /// OpenBLAS's thread count, or -1 when the BLAS in use is not OpenBLAS.
 int blas_threads();

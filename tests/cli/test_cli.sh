@@ -124,7 +124,7 @@ if [[ -e $omp_dir/libblas.so.3 ]] && readelf -d "$flora" | grep -q "openblas-ope
   then pass=$((pass + 1)); else echo "FAIL doctor blas openmp: $out"; fail=$((fail + 1)); fi
   if [[ -e $pth_dir/libblas.so.3 ]]; then
     out=$(LD_LIBRARY_PATH=$pth_dir "$flora" --threads 2 doctor 2>&1)
-    if [[ $out == *"pthreads)"*"warning: OpenBLAS's pthreads build competes"* ]]
+    if [[ $out == *"OpenBLAS's pthreads build is loaded with 2 threads"*"pthreads)"*"warning: OpenBLAS's pthreads build competes"* ]]
     then pass=$((pass + 1)); else echo "FAIL doctor blas pthreads: $out"; fail=$((fail + 1)); fi
   fi
 fi
