@@ -415,14 +415,21 @@ Tensor conv_nd(const Tensor& x, const Tensor& weight, const Tensor& bias, const 
   }
 }
 
-Tensor linear_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale) {
+namespace {
+
+// The Linear branch's input side, checked: A = s G U_in^T [r_out, in]. Folding the (small) core
+// in once leaves two thin matmuls per token, x A^T U_out^T, exactly as LoRA does.
+Tensor linear_input_side(const Tensor& core, const std::vector<Tensor>& factors, double scale) {
   check_factors(core, factors, "linear_branch");
   if (core.dim() != 2) throw InvalidArgument("linear_branch: core must be [r_out, r_in], got " + format_shape(core.sizes().vec()));
-  // Fold the (small) core into the input side once: A = s G U_in^T [r_out, in]; then two
-  // thin matmuls per token, x A^T U_out^T, exactly as LoRA does.
   Tensor a = scale == 1.0 ? core : core * scale;
-  if (factors[1].defined()) a = a.matmul(factors[1].t());
-  Tensor h = x.matmul(a.t());
+  return factors[1].defined() ? a.matmul(factors[1].t()) : a;
+}
+
+}  // namespace
+
+Tensor linear_branch(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale) {
+  Tensor h = x.matmul(linear_input_side(core, factors, scale).t());
   if (factors[0].defined()) h = h.matmul(factors[0].t());
   return h;
 }
@@ -574,10 +581,7 @@ at::ScalarType branch_dtype(const Tensor& t, const AutocastState& autocast) {
 }  // namespace
 
 Tensor linear_branch(const RecomputableInput& x, const Tensor& core, const std::vector<Tensor>& factors, double scale) {
-  check_factors(core, factors, "linear_branch");
-  if (core.dim() != 2) throw InvalidArgument("linear_branch: core must be [r_out, r_in], got " + format_shape(core.sizes().vec()));
-  Tensor a = scale == 1.0 ? core : core * scale;
-  if (factors[1].defined()) a = a.matmul(factors[1].t());
+  Tensor a = linear_input_side(core, factors, scale);
   const AutocastState autocast;
   const auto dtype = branch_dtype(a, autocast);
   Tensor in = x.value();

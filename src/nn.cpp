@@ -273,17 +273,14 @@ bool recompute_inputs() { return recompute_inputs_; }
 
 torch::Tensor LinearImpl::forward_recompute(const F::RecomputableInput& in) {
   const auto& x = in.value();
-  auto y = torch::linear(x, weight, bias);
-  if (auto a = live_adapter()) {
-    // Recompute only where it saves memory: with gradients on, x on the graph (otherwise f's
-    // backward keeps no sources, and keeping them could cost more than x: attention weights),
-    // and the base weight frozen (a trained one keeps x in its own matmul anyway).
-    const bool keep = !recompute_inputs_ || !torch::GradMode::is_enabled() || !x.requires_grad() ||
-                      weight.requires_grad() || (a->spec().dropout > 0.0 && is_training());
-    y = y + (keep ? F::linear_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale())
-                  : F::linear_branch(in, a->core(), a->factors(), a->scale()));
-  }
-  return y;
+  auto a = live_adapter();
+  // Recompute only where it saves memory: with gradients on, x on the graph (otherwise f's
+  // backward keeps no sources, and keeping them could cost more than x: attention weights),
+  // and the base weight frozen (a trained one keeps x in its own matmul anyway).
+  if (!a || !recompute_inputs_ || !torch::GradMode::is_enabled() || !x.requires_grad() || weight.requires_grad() ||
+      (a->spec().dropout > 0.0 && is_training()))
+    return forward(x);
+  return torch::linear(x, weight, bias) + F::linear_branch(in, a->core(), a->factors(), a->scale());
 }
 
 TargetInfo LinearImpl::target_info() const {

@@ -426,20 +426,27 @@ TEST(FloraConv, SeparablePathUnderBf16AutocastMatchesMergedPath) {
   expect_matches_merged_under_bf16_autocast(conv, torch::randn({2, 8, 9, 9}), ConvPath::Separable);
 }
 
+// `path` is refused for `layer` both when an adapter is added with it (the message contains each
+// of `on_add`) and when set on an added adapter (each of `on_set`), and the refused path is not kept.
+void expect_path_refused(AdaptableLayer& layer, ConvPath path, const std::vector<int64_t>& ranks,
+                         const std::vector<std::string>& on_add, const std::vector<std::string>& on_set) {
+  const auto message = flora_test::error_message<flora::InvalidArgument>;
+  auto m = message([&] { layer.add_adapter("default", AdapterOptions().ranks(ranks).conv_path(path)); });
+  for (const auto& s : on_add) EXPECT_NE(m.find(s), std::string::npos) << m;
+  auto a = layer.add_adapter("default", AdapterOptions().ranks(ranks));
+  m = message([&] { a->set_conv_path(path); });
+  for (const auto& s : on_set) EXPECT_NE(m.find(s), std::string::npos) << m;
+  EXPECT_EQ(a->spec().conv_path, ConvPath::Auto) << "a refused path must not be kept";
+}
+
 TEST(FloraConv, SeparablePathRefusesConvsItCannotRunNamingLayerAndValues) {
   const auto message = flora_test::error_message<flora::InvalidArgument>;
   flora::nn::Conv2d dense(torch::nn::Conv2dOptions(6, 8, 3));
   dense->set_layer_name("features.3");
-  auto m = message([&] { dense->add_adapter("default", AdapterOptions().ranks({4, 4, 2, 2}).conv_path(ConvPath::Separable)); });
-  EXPECT_NE(m.find("features.3"), std::string::npos) << m;
-  EXPECT_NE(m.find("in_channels/groups = 6"), std::string::npos) << m;
-  EXPECT_NE(m.find("[8, 6, 3, 3]"), std::string::npos) << m;
-  EXPECT_NE(m.find("hint:"), std::string::npos) << m;
-  auto a = dense->add_adapter("default", AdapterOptions().ranks({4, 4, 2, 2}));
-  m = message([&] { a->set_conv_path(ConvPath::Separable); });
-  EXPECT_NE(m.find("features.3"), std::string::npos) << m;
-  EXPECT_EQ(a->spec().conv_path, ConvPath::Auto) << "a refused path must not be kept";
+  expect_path_refused(*dense, ConvPath::Separable, {4, 4, 2, 2}, {"features.3", "in_channels/groups = 6", "[8, 6, 3, 3]", "hint:"},
+                      {"features.3"});
 
+  std::string m;
   flora::nn::Conv2d grouped(torch::nn::Conv2dOptions(4, 4, 3).groups(2));
   grouped->set_layer_name("g");
   m = message([&] { grouped->add_adapter("default", AdapterOptions().conv_path(ConvPath::Separable)); });
@@ -681,14 +688,8 @@ TEST(FloraConv, HybridPathRefusesGroupedConvsAndDropoutNamingLayerAndValues) {
   const auto message = flora_test::error_message<flora::InvalidArgument>;
   flora::nn::Conv2d grouped(torch::nn::Conv2dOptions(4, 6, 3).groups(2));
   grouped->set_layer_name("stages.1.dw");
-  auto m = message([&] { grouped->add_adapter("default", AdapterOptions().ranks({2, 2, 2, 2}).conv_path(ConvPath::Hybrid)); });
-  EXPECT_NE(m.find("stages.1.dw"), std::string::npos) << m;
-  EXPECT_NE(m.find("groups 2"), std::string::npos) << m;
-  EXPECT_NE(m.find("hint:"), std::string::npos) << m;
-  auto a = grouped->add_adapter("default", AdapterOptions().ranks({2, 2, 2, 2}));
-  m = message([&] { a->set_conv_path(ConvPath::Hybrid); });
-  EXPECT_NE(m.find("groups 2"), std::string::npos) << m;
-  EXPECT_EQ(a->spec().conv_path, ConvPath::Auto) << "a refused path must not be kept";
+  expect_path_refused(*grouped, ConvPath::Hybrid, {2, 2, 2, 2}, {"stages.1.dw", "groups 2", "hint:"}, {"groups 2"});
+  std::string m;
 
   flora::nn::Conv2d dense(torch::nn::Conv2dOptions(4, 4, 3));
   dense->set_layer_name("layer1.0.conv1");
