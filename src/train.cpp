@@ -454,7 +454,7 @@ void adamw_step(torch::Tensor& p, const torch::Tensor& g, torch::Tensor& m, torc
   m.mul_(b1).add_(g, 1.0 - b1);
   v.mul_(b2).addcmul_(g, g, 1.0 - b2);
   const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step)), bc2 = 1.0 - std::pow(b2, static_cast<double>(step));
-  auto denom = (v.sqrt() / std::sqrt(bc2)).add_(eps);
+  auto denom = v.sqrt().div_(std::sqrt(bc2)).add_(eps);
   p.addcdiv_(m, denom, -lr / bc1);
 }
 
@@ -467,7 +467,7 @@ FlatAdamW::FlatAdamW(std::vector<torch::Tensor> params) : params_(std::move(para
     for (const auto& p : params_) m_.push_back(torch::zeros_like(p)), v_.push_back(torch::zeros_like(p));
     return;
   }
-  constexpr int64_t kBucketElements = int64_t{1} << 20;
+  constexpr int64_t kBucketElements = int64_t{1} << 18;  // a step's temporaries are about 2 buckets
   for (size_t i = 0; i < params_.size();) {
     Bucket b;
     b.begin = i;

@@ -33,7 +33,7 @@ std::string blas_threading();
 
 /// What the CPU block cache holds and has done (all zero until configure_allocator installs it).
 struct CpuCacheStats {
-  std::size_t live_bytes = 0;    ///< in tensors now (blocks of 1 MiB and more, rounded up)
+  std::size_t live_bytes = 0;    ///< in tensors now (blocks of 128 KiB and more, rounded up)
   std::size_t cached_bytes = 0;  ///< freed blocks kept for reuse
   std::size_t limit_bytes = 0;   ///< cached bytes above this are unmapped when a new block is needed
   std::size_t hits = 0, misses = 0, released = 0;  ///< reuses, fresh mappings, blocks unmapped
@@ -43,8 +43,9 @@ struct CpuCacheStats {
 /// tensor of more than a few MB afresh and unmaps it on free, so each activation of a training
 /// step page-faults on first touch (about 7 ms for a 12.8 MB tensor here, a third of a
 /// 64-channel 56x56 conv's forward); raising glibc's thresholds does not help, as its
-/// 64-byte-aligned allocations fragment the heap. The cache keeps freed blocks of 1 MiB and more
-/// (sizes rounded up to 1 MiB; the untouched tail costs no memory) and hands them out again, the
+/// 64-byte-aligned allocations fragment the heap. The cache keeps freed blocks of 128 KiB and more
+/// (sizes rounded up to 64 KiB below 1 MiB, to 1 MiB above; the untouched tail costs no memory)
+/// and hands them out again, the
 /// smallest that fits and is at most twice the size, as the next step asks for the same sizes;
 /// smaller tensors go to LibTorch's allocator.
 /// Cached bytes never exceed the limit (a free beyond it, or a new block, unmaps the largest
