@@ -45,9 +45,8 @@ struct CpuCacheStats {
 /// 64-channel 56x56 conv's forward); raising glibc's thresholds does not help, as its
 /// 64-byte-aligned allocations fragment the heap. The cache keeps freed blocks of 128 KiB and more
 /// (sizes rounded up to 64 KiB below 1 MiB, to 1 MiB above; the untouched tail costs no memory)
-/// and hands them out again, the
-/// smallest that fits and is at most twice the size, as the next step asks for the same sizes;
-/// smaller tensors go to LibTorch's allocator.
+/// and hands them out again, the smallest that fits and is at most twice the size, as the next
+/// step asks for the same sizes; smaller tensors go to LibTorch's allocator.
 /// Cached bytes never exceed the limit (a free beyond it, or a new block, unmaps the largest
 /// cached blocks first), so shapes that never come back (a last partial batch) cannot pile up.
 /// `limit_mb` < 0: FLORA_CPU_CACHE_MB if set, else half the physical memory. 0 (or

@@ -101,8 +101,9 @@ void adamw_step(torch::Tensor& param, const torch::Tensor& grad, torch::Tensor& 
 /// live in three flat buffers and each parameter becomes a view of its slice (Tensor::set_data),
 /// so a step costs about ten ops per bucket instead of per tensor (stepping FLoRA's five tensors
 /// per layer one by one cost ResNet-18 about 8 ms per step), and the temporaries of a step are
-/// two buckets large (with 1M-element buckets they were 12 MB of ViT-S/16's peak). Element for element the result equals adamw_step's. Tensors of mixed dtype
-/// or device are stepped one by one instead. A parameter whose data is replaced after
+/// two buckets large (with 1M-element buckets they were 12 MB of ViT-S/16's peak). Element for
+/// element the result equals adamw_step's. Tensors of mixed dtype or device are stepped one by
+/// one instead. A parameter whose data is replaced after
 /// construction (not copied into) is found at the next step and bound to its slice again,
 /// keeping its new value.
 class FlatAdamW {
