@@ -855,6 +855,8 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
                                                  torch::autograd::variable_list grads) {
     if (torch::GradMode::is_enabled())  // create_graph: this backward records no history
       throw InvalidArgument("hybrid_conv: double backward (create_graph) is not supported (hint: use conv path merged or factorized)");
+    // As forward: the weight's dtype throughout, even if backward() is called inside an autocast scope.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     torch::autograd::variable_list out(7);  // one per forward input: x, w0, b, k, u_out, u_in, geo
     const Tensor& gy = grads[0];
     if (!gy.defined()) return out;

@@ -436,8 +436,9 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   // gradient (for U_in's), the two 1x1 weight gradients, and Wm built by GEMMs (r_0 K in r_1 +
   // out r_0 K in multiply-adds), W0 read and Wm written. The r-channel tensors are charged as
   // the factorized branch's are; there is no full-size add. Backward rebuilds Wm instead of
-  // keeping it; that second build is not charged: charging it moved ResNet-18's three 128-channel
-  // 8x8 convs to factorized, which measured 1 to 1.5 % slower per step (docs/PERFORMANCE.md).
+  // keeping it; that second build is not charged: charging it moved ResNet-18's three
+  // 128-channel 8x8 convs to factorized, which measured 1 to 2 % slower per step at 1 thread
+  // (docs/PERFORMANCE.md).
   c.hybrid = std::numeric_limits<double>::infinity();
   if (in.training && in.groups == 1 && !in.dropout && !in.autocast) {
     const double cin = static_cast<double>(in.in_channels);

@@ -128,7 +128,8 @@ Tensor separable_branch(const Tensor& x, const Tensor& core, const std::vector<T
 /// projections of x and of the output gradient (x U_in, gy U_out and the core conv on them), as
 /// the factorized branch computes them. Neither the merged path's full weight gradient nor the
 /// factorized branch's full-size output add and input-gradient add is ever computed. W0 + dW is
-/// built each call by one GEMM in W0's memory layout (channels-last too). Runs in the weight's
+/// built by one GEMM in W0's memory layout (channels-last too), in forward and again in backward
+/// rather than kept in between. Runs in the weight's
 /// dtype with autocast off (x, the bias, the core's kernel and U_out/U_in are cast to it, with
 /// their gradients cast back). x is [N, in, ...] or unbatched [in, ...], as conv_nd takes it.
 /// Gradients also flow to x, and to the weight and bias where they require them.
