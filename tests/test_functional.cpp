@@ -68,7 +68,9 @@ struct DeltaCase {
 };
 
 // Single modes, identity modes, rank-1 broadcasts and the fused Kronecker kernel modes (2 and 3
-// of them; depthwise-like, 1x1, and a kernel too large to fuse).
+// of them; depthwise-like, 1x1, and a kernel too large to fuse). The [C, 1, kh, kw] rows with
+// factors on modes 0, 2 and 3 take the depthwise loops (U_1 a 1x1 factor or identity; square
+// and non-square kernels and ranks, so a transposed index shows).
 std::vector<DeltaCase> delta_cases() {
   return {
       {{7}, {3}, {false}},
@@ -80,6 +82,9 @@ std::vector<DeltaCase> delta_cases() {
       {{5, 2, 3, 2, 2}, {2, 2, 2, 1, 2}, {false, true, false, false, false}},
       {{6, 1, 7, 7}, {3, 1, 2, 2}, {false, true, false, false}},
       {{6, 1, 7, 7}, {3, 1, 2, 2}, {false, false, false, false}},
+      {{5, 1, 5, 3}, {4, 1, 3, 2}, {false, false, false, false}},
+      {{5, 1, 5, 3}, {4, 1, 2, 3}, {false, true, false, false}},
+      {{5, 1, 5, 3}, {4, 1, 2, 3}, {false, false, false, false}},
       {{6, 4, 1, 1}, {2, 2, 1, 1}, {false, false, false, false}},
       {{4, 3, 3, 3, 3}, {2, 2, 2, 2, 2}, {false, false, false, false, false}},
       {{2, 2, 9, 9, 9}, {1, 1, 3, 3, 3}, {false, false, false, false, false}},
@@ -136,14 +141,46 @@ TEST(TuckerDelta, GradientsMatchAutogradOfEinsumForEveryCase) {
 }
 
 TEST(TuckerDelta, RefusesDoubleBackwardWithAClearError) {
-  auto core = torch::randn({2, 3}, kF64).requires_grad_(true);
-  auto u = torch::randn({4, 2}, kF64).requires_grad_(true);
-  auto dw = F::tucker_delta(core, {u, Tensor()}, 1.0);
-  try {
-    torch::autograd::grad({dw.sum()}, {core}, {}, /*retain_graph=*/true, /*create_graph=*/true);
-    FAIL() << "double backward did not throw";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("double backward"), std::string::npos) << e.what();
+  // The generic node and the depthwise loops.
+  const std::vector<std::vector<int64_t>> cores{{2, 3}, {3, 1, 2, 2}};
+  for (const auto& shape : cores) {
+    auto core = torch::randn(shape, kF64).requires_grad_(true);
+    std::vector<Tensor> factors{torch::randn({4, shape[0]}, kF64).requires_grad_(true), Tensor()};
+    if (shape.size() == 4) factors.push_back(torch::randn({5, 2}, kF64)), factors.push_back(torch::randn({5, 2}, kF64));
+    auto dw = F::tucker_delta(core, factors, 1.0);
+    try {
+      torch::autograd::grad({dw.sum()}, {core}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+      FAIL() << "double backward did not throw for core " << flora::format_shape(shape);
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("double backward"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(TuckerDelta, DepthwiseLoopsInFloatMatchTheDoubleReference) {
+  // The loops are templated on the dtype; float32 is what training runs. Reference: einsum in
+  // double on the same values. Gradients too, with a non-contiguous incoming gradient.
+  auto core = torch::randn({16, 1, 2, 2}, kF64);
+  std::vector<Tensor> factors{torch::randn({96, 16}, kF64), torch::randn({1, 1}, kF64), torch::randn({7, 2}, kF64),
+                              torch::randn({7, 2}, kF64)};
+  const auto weights = torch::randn({96, 7, 7, 1}, kF64).permute({0, 3, 1, 2});  // [96, 1, 7, 7], strided
+  using Delta = Tensor (*)(const Tensor&, const std::vector<Tensor>&, double);
+  auto grads_of = [&](Delta delta, const Tensor& c, const std::vector<Tensor>& us, const Tensor& w) {
+    auto dw = delta(c, us, 0.5);
+    std::vector<Tensor> inputs{c, us[0], us[1], us[2], us[3]};
+    auto g = torch::autograd::grad({(dw * w).sum()}, inputs);
+    g.insert(g.begin(), dw);
+    return g;
+  };
+  auto leaf = [](const Tensor& t, torch::Dtype d) { return t.to(d).requires_grad_(true); };
+  std::vector<Tensor> f32, f64;
+  for (const auto& u : factors) f32.push_back(leaf(u, torch::kFloat32)), f64.push_back(leaf(u, torch::kFloat64));
+  const auto got = grads_of(&F::tucker_delta, leaf(core, torch::kFloat32), f32, weights.to(torch::kFloat32));
+  const auto want = grads_of(&einsum_delta, leaf(core, torch::kFloat64), f64, weights);
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].scalar_type(), torch::kFloat32) << "output " << i;
+    const double scale = want[i].abs().max().item<double>();
+    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / scale, 1e-5) << "output " << i;
   }
 }
 
