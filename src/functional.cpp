@@ -277,11 +277,11 @@ struct TuckerDeltaFunction : public torch::autograd::Function<TuckerDeltaFunctio
 // spends about 60 LibTorch ops on these tiny tensors (kronecker products, permutes, mv, the 1x1
 // factor's broadcast and sum), each costing more than its arithmetic. Measured forward plus
 // backward at 2 threads (docs/PERFORMANCE.md): 71 -> 26 us at 96 channels, 82 -> 50 us at 384,
-// 97 -> 77 us at 768, where LoRA's dW at rank 16 takes 29, 51 and 83 us; ConvNeXt-tiny has 18
+// 97 -> 78 us at 768, where LoRA's dW at rank 16 takes 30, 52 and 81 us; ConvNeXt-tiny has 18
 // such layers.
 // The loops below get an AVX2 + FMA copy, chosen at run time, where the compiler can make one
-// (GCC or Clang on x86): built for baseline x86-64 (SSE2) they ran 1.3 to 1.5x slower at 384 and
-// 768 channels. Elsewhere, or with FLORA_NO_AVX2 set (the tests run both), the portable copy runs.
+// (GCC or Clang on x86): built for baseline x86-64 (SSE2) they ran 1.3x slower at 384 and 768
+// channels. Elsewhere, or with FLORA_NO_AVX2 set (the tests run both), the portable copy runs.
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FLORA_X86_DISPATCH 1
 #define FLORA_ALWAYS_INLINE __attribute__((always_inline)) inline

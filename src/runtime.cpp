@@ -78,10 +78,11 @@ int configure_threads(int requested) {
   // reach: with --threads 1 its GEMMs still ran a second thread (a step's CPU time was twice its
   // wall time). Looked up at run time, so other BLAS libraries (and MKL builds) are unaffected.
   if (auto set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set(n);
-  if (n > 1 && blas_threading() == "pthreads")
+  if (n > 1 && blas_threading() == "pthreads") {  // braces: the macro is an if/else of its own
     TORCH_WARN_ONCE("flora: OpenBLAS's pthreads build is loaded with ", n, " threads: its pool competes with LibTorch's "
                     "OpenMP threads and GEMM-heavy models train up to 5x slower (hint: link OpenBLAS's OpenMP build, "
                     "Debian's libopenblas0-openmp, as flora's CMakeLists.txt does, or set OMP_WAIT_POLICY=PASSIVE)");
+  }
   return n;
 }
 
