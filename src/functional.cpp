@@ -297,11 +297,11 @@ bool has_avx2_fma() {
 
 template <typename T>
 struct DepthwiseDeltaLoops {
-  int64_t C, r, R, kh, kw, KK;  // channels, rank, a b, kernel size, kh kw
+  int64_t C, r, R, KK;  // channels, rank, a b, kh kw
   std::vector<T> st;            // S^T [a b, r]
 
-  DepthwiseDeltaLoops(const Tensor& core, const Tensor& u0, T u1_scale, int64_t kh_, int64_t kw_)
-      : C(u0.size(0)), r(core.size(0)), R(core.size(2) * core.size(3)), kh(kh_), kw(kw_), KK(kh_ * kw_),
+  DepthwiseDeltaLoops(const Tensor& core, const Tensor& u0, T u1_scale, int64_t kernel_elements)
+      : C(u0.size(0)), r(core.size(0)), R(core.size(2) * core.size(3)), KK(kernel_elements),
         st(static_cast<size_t>(R * r)) {
     const T* g = core.data_ptr<T>();
     for (int64_t p = 0; p < r; ++p)
@@ -430,7 +430,7 @@ struct DepthwiseDeltaFunction : public torch::autograd::Function<DepthwiseDeltaF
     Tensor d = at::empty({C, 1, kh, kw}, core.options());
     AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "depthwise_delta", [&] {
       const scalar_t u1s = static_cast<scalar_t>(scale) * (u1.numel() ? u1.data_ptr<scalar_t>()[0] : scalar_t(1));
-      const DepthwiseDeltaLoops<scalar_t> loops(core, u0, u1s, kh, kw);
+      const DepthwiseDeltaLoops<scalar_t> loops(core, u0, u1s, kh * kw);
       scalar_t* m = mk.data_ptr<scalar_t>();
       DepthwiseDeltaLoops<scalar_t>::kron_t(u2, u3, m + C * R);
       loops.forward(u0.data_ptr<scalar_t>(), m + C * R, m, d.data_ptr<scalar_t>());
@@ -457,7 +457,7 @@ struct DepthwiseDeltaFunction : public torch::autograd::Function<DepthwiseDeltaF
     Tensor sums = at::zeros({R * r + R * KK}, core.options());  // gS^T, gK^T
     AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "depthwise_delta_backward", [&] {
       const scalar_t u1v = u1.numel() ? u1.data_ptr<scalar_t>()[0] : scalar_t(1);
-      const DepthwiseDeltaLoops<scalar_t> loops(core, u0, static_cast<scalar_t>(scale) * u1v, kh, kw);
+      const DepthwiseDeltaLoops<scalar_t> loops(core, u0, static_cast<scalar_t>(scale) * u1v, KK);
       const scalar_t* m = mk.data_ptr<scalar_t>();
       scalar_t* gst = sums.data_ptr<scalar_t>();
       scalar_t* gkt = gst + R * r;
