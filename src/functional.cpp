@@ -182,6 +182,12 @@ Tensor mode_factor_grad(const Tensor& g, const Tensor& t, int64_t mode) {
   return at::tensordot(g.reshape({P, I, Q}), t.reshape({P, r, Q}), {0, 2}, {0, 2});
 }
 
+// tucker_delta's nodes save plain tensors, no history: backward with create_graph cannot differentiate them.
+void refuse_double_backward() {
+  if (torch::GradMode::is_enabled())
+    throw InvalidArgument("tucker_delta: double backward (create_graph) is not supported (hint: differentiate dW once)");
+}
+
 // tucker_delta as one autograd node. Autograd of the same chain records 5 to 8 nodes per mode
 // (reshape, matmul, view, their backwards); a conv adapter rebuilds dW (or its core conv's
 // kernel) every training step, so those nodes were a measurable share of a small layer's step.
@@ -221,8 +227,7 @@ struct TuckerDeltaFunction : public torch::autograd::Function<TuckerDeltaFunctio
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
-    if (torch::GradMode::is_enabled())  // backward with create_graph: the saved steps carry no history
-      throw InvalidArgument("tucker_delta: double backward (create_graph) is not supported (hint: differentiate dW once)");
+    refuse_double_backward();
     const auto saved = ctx->get_saved_variables();
     const auto modes = ctx->saved_data["modes"].toIntVector();
     const auto step_info = ctx->saved_data["steps"].toIntVector();
@@ -315,6 +320,24 @@ struct DepthwiseDeltaLoops {
       for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < kh; ++i)
           for (int64_t j = 0; j < kw; ++j) kt[(a * B + b) * kh * kw + i * kw + j] = p2[i * A + a] * p3[j * B + b];
+  }
+  // From gK^T [a b, kh kw]: gU_2[i, a] = sum_{b, j} gK^T[(a, b), (i, j)] U_3[j, b] into *g2, and
+  // gU_3 likewise into *g3 (each skipped where null).
+  static void kron_factor_grads(const T* gkt, const Tensor& u2, const Tensor& u3, Tensor* g2, Tensor* g3) {
+    const int64_t A = u2.size(1), B = u3.size(1), kh = u2.size(0), kw = u3.size(0), KK = kh * kw;
+    if (g2) *g2 = at::zeros_like(u2);
+    if (g3) *g3 = at::zeros_like(u3);
+    const T *p2 = u2.data_ptr<T>(), *p3 = u3.data_ptr<T>();
+    T* o2 = g2 ? g2->data_ptr<T>() : nullptr;
+    T* o3 = g3 ? g3->data_ptr<T>() : nullptr;
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < kh; ++i)
+          for (int64_t j = 0; j < kw; ++j) {
+            const T v = gkt[(a * B + b) * KK + i * kw + j];
+            if (o2) o2[i * A + a] += v * p3[j * B + b];
+            if (o3) o3[j * B + b] += v * p2[i * A + a];
+          }
   }
   // M = U_0 S [C, a b] into m, dW = M K^T [C, kh kw] into d. NR: a b at compile time (4, the
   // 2 x 2 kernel ranks FLoRA uses by default: one pass per row), or 0 for any.
@@ -442,16 +465,14 @@ struct DepthwiseDeltaFunction : public torch::autograd::Function<DepthwiseDeltaF
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
-    if (torch::GradMode::is_enabled())
-      throw InvalidArgument("tucker_delta: double backward (create_graph) is not supported (hint: differentiate dW once)");
+    refuse_double_backward();
     torch::autograd::variable_list grads(6);
     if (!grad_out[0].defined()) return grads;
     const auto saved = ctx->get_saved_variables();
     const Tensor &core = saved[0], &u0 = saved[1], &u1 = saved[2], &u2 = saved[3], &u3 = saved[4], &mk = saved[5];
     const double scale = ctx->saved_data["scale"].toDouble();
     const Tensor gd = grad_out[0].to(core.scalar_type()).contiguous();
-    const int64_t C = u0.size(0), r = core.size(0), A = u2.size(1), B = u3.size(1), R = A * B, kh = u2.size(0),
-                  kw = u3.size(0), KK = kh * kw;
+    const int64_t C = u0.size(0), r = core.size(0), R = u2.size(1) * u3.size(1), KK = u2.size(0) * u3.size(0);
     const bool want_u0 = ctx->needs_input_grad(1);
     Tensor gu0 = want_u0 ? at::empty({C, r}, core.options()) : Tensor();
     Tensor sums = at::zeros({R * r + R * KK}, core.options());  // gS^T, gK^T
@@ -476,23 +497,88 @@ struct DepthwiseDeltaFunction : public torch::autograd::Function<DepthwiseDeltaF
           for (int64_t q = 0; q < R; ++q) acc += g[p * R + q] * gst[q * r + p];
         grads[2] = at::full({1, 1}, static_cast<double>(acc) * scale, core.options());
       }
-      // gU_2[i, a] = sum_{b, j} gK[(i, j), (a, b)] U_3[j, b]; gU_3 likewise.
-      const bool want_u2 = ctx->needs_input_grad(3), want_u3 = ctx->needs_input_grad(4);
-      if (want_u2) grads[3] = at::zeros_like(u2);
-      if (want_u3) grads[4] = at::zeros_like(u3);
-      const scalar_t *p2 = u2.data_ptr<scalar_t>(), *p3 = u3.data_ptr<scalar_t>();
-      scalar_t* g2 = want_u2 ? grads[3].data_ptr<scalar_t>() : nullptr;
-      scalar_t* g3 = want_u3 ? grads[4].data_ptr<scalar_t>() : nullptr;
-      for (int64_t a = 0; a < A; ++a)
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t i = 0; i < kh; ++i)
-            for (int64_t j = 0; j < kw; ++j) {
-              const scalar_t v = gkt[(a * B + b) * KK + i * kw + j];
-              if (g2) g2[i * A + a] += v * p3[j * B + b];
-              if (g3) g3[j * B + b] += v * p2[i * A + a];
-            }
+      DepthwiseDeltaLoops<scalar_t>::kron_factor_grads(gkt, u2, u3, ctx->needs_input_grad(3) ? &grads[3] : nullptr,
+                                                        ctx->needs_input_grad(4) ? &grads[4] : nullptr);
     });
     grads[1] = gu0;
+    return grads;
+  }
+};
+
+// tucker_delta for the small kernel of the factorized and hybrid conv paths: core [p, q, a, b]
+// with factors on the two kernel modes only (modes 0 and 1 identity), dW = s G K^T viewed as
+// [p q, kh kw], K = U_2 (x) U_3 as above. The generic node takes about 40 LibTorch ops for it
+// (kronecker product, permutes, mm, mv); ResNet-18 builds 16 such kernels per step. Plain
+// loops: forward D = s G K^T; backward gG = s gD K and gK^T = s G^T gD, then the two factors'
+// gradients from gK^T. A few thousand multiply-adds each way at ranks [16, 16, 2, 2].
+struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& core, const Tensor& u2, const Tensor& u3,
+                        double scale) {
+    const int64_t rows = core.size(0) * core.size(1), R = core.size(2) * core.size(3), kh = u2.size(0),
+                  kw = u3.size(0), KK = kh * kw;
+    Tensor kt = at::empty({R * KK}, core.options());  // K^T [a b, kh kw], kept for backward
+    Tensor d = at::empty({core.size(0), core.size(1), kh, kw}, core.options());
+    AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "kernel_delta", [&] {
+      scalar_t* k = kt.data_ptr<scalar_t>();
+      DepthwiseDeltaLoops<scalar_t>::kron_t(u2, u3, k);
+      const scalar_t s = static_cast<scalar_t>(scale);
+      const scalar_t* g = core.data_ptr<scalar_t>();
+      scalar_t* out = d.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < rows; ++c) {
+        scalar_t* o = out + c * KK;
+        for (int64_t j = 0; j < KK; ++j) o[j] = 0;
+        for (int64_t q = 0; q < R; ++q) {
+          const scalar_t gq = s * g[c * R + q];
+          const scalar_t* kq = k + q * KK;
+          for (int64_t j = 0; j < KK; ++j) o[j] += gq * kq[j];
+        }
+      }
+    });
+    ctx->save_for_backward({core, u2, u3, kt});
+    ctx->saved_data["scale"] = scale;
+    return d;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    refuse_double_backward();
+    torch::autograd::variable_list grads(4);
+    if (!grad_out[0].defined()) return grads;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &core = saved[0], &u2 = saved[1], &u3 = saved[2], &kt = saved[3];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const Tensor gd = grad_out[0].to(core.scalar_type()).contiguous();
+    const int64_t rows = core.size(0) * core.size(1), R = core.size(2) * core.size(3),
+                  KK = u2.size(0) * u3.size(0);
+    const bool want_core = ctx->needs_input_grad(0), want_u2 = ctx->needs_input_grad(1),
+               want_u3 = ctx->needs_input_grad(2);
+    if (want_core) grads[0] = at::empty_like(core);
+    Tensor gkt = want_u2 || want_u3 ? at::zeros({R * KK}, core.options()) : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "kernel_delta_backward", [&] {
+      const scalar_t s = static_cast<scalar_t>(scale);
+      const scalar_t *g = core.data_ptr<scalar_t>(), *k = kt.data_ptr<scalar_t>(), *gdp = gd.data_ptr<scalar_t>();
+      scalar_t* gg = want_core ? grads[0].data_ptr<scalar_t>() : nullptr;
+      scalar_t* gk = gkt.defined() ? gkt.data_ptr<scalar_t>() : nullptr;
+      for (int64_t c = 0; c < rows; ++c) {
+        const scalar_t* grow = gdp + c * KK;
+        for (int64_t q = 0; q < R; ++q) {
+          const scalar_t* kq = k + q * KK;
+          if (gg) {
+            scalar_t acc = 0;
+            for (int64_t j = 0; j < KK; ++j) acc += grow[j] * kq[j];
+            gg[c * R + q] = s * acc;
+          }
+          if (gk) {
+            const scalar_t m = s * g[c * R + q];
+            scalar_t* o = gk + q * KK;
+            for (int64_t j = 0; j < KK; ++j) o[j] += m * grow[j];
+          }
+        }
+      }
+      if (gk)
+        DepthwiseDeltaLoops<scalar_t>::kron_factor_grads(gk, u2, u3, want_u2 ? &grads[1] : nullptr,
+                                                         want_u3 ? &grads[2] : nullptr);
+    });
     return grads;
   }
 };
@@ -510,6 +596,17 @@ bool depthwise_delta_applies(const Tensor& core, const std::vector<Tensor>& fact
   return core.device().is_cpu();
 }
 
+// ... and a 2-d kernel with factors on its two kernel modes only (modes 0 and 1 identity).
+bool kernel_delta_applies(const Tensor& core, const std::vector<Tensor>& factors) {
+  if (core.dim() != 4 || factors[0].defined() || factors[1].defined() || !factors[2].defined() || !factors[3].defined())
+    return false;
+  const auto dtype = core.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  for (size_t n = 2; n < 4; ++n)
+    if (factors[n].scalar_type() != dtype || !factors[n].device().is_cpu()) return false;
+  return core.device().is_cpu();
+}
+
 }  // namespace
 
 Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale) {
@@ -520,6 +617,8 @@ Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, doub
                                          factors[1].defined() ? factors[1].contiguous() : none,
                                          factors[2].contiguous(), factors[3].contiguous(), scale);
   }
+  if (kernel_delta_applies(core, factors))
+    return KernelDeltaFunction::apply(core.contiguous(), factors[2].contiguous(), factors[3].contiguous(), scale);
   std::vector<Tensor> defined;
   std::vector<int64_t> modes;
   for (size_t n = 0; n < factors.size(); ++n)

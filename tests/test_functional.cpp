@@ -70,7 +70,8 @@ struct DeltaCase {
 // Single modes, identity modes, rank-1 broadcasts and the fused Kronecker kernel modes (2 and 3
 // of them; depthwise-like, 1x1, and a kernel too large to fuse). The [C, 1, kh, kw] rows with
 // factors on modes 0, 2 and 3 take the depthwise loops (U_1 a 1x1 factor or identity; square
-// and non-square kernels and ranks, so a transposed index shows).
+// and non-square kernels and ranks, so a transposed index shows). The [p, q, kh, kw] rows with
+// factors on modes 2 and 3 only take the kernel loops (the factorized and hybrid paths' kernel).
 std::vector<DeltaCase> delta_cases() {
   return {
       {{7}, {3}, {false}},
@@ -89,6 +90,9 @@ std::vector<DeltaCase> delta_cases() {
       {{4, 3, 3, 3, 3}, {2, 2, 2, 2, 2}, {false, false, false, false, false}},
       {{2, 2, 9, 9, 9}, {1, 1, 3, 3, 3}, {false, false, false, false, false}},
       {{3, 2, 3, 3}, {3, 2, 2, 3}, {true, false, false, false}},
+      {{4, 3, 3, 3}, {4, 3, 2, 2}, {true, true, false, false}},
+      {{3, 5, 5, 3}, {3, 5, 2, 3}, {true, true, false, false}},
+      {{2, 3, 1, 1}, {2, 3, 1, 1}, {true, true, false, false}},
   };
 }
 
@@ -137,11 +141,13 @@ TEST(TuckerDelta, GradientsMatchAutogradOfEinsumForEveryCase) {
 }
 
 TEST(TuckerDelta, RefusesDoubleBackwardWithAClearError) {
-  // The generic node and the depthwise loops.
-  const std::vector<std::vector<int64_t>> cores{{2, 3}, {3, 1, 2, 2}};
-  for (const auto& shape : cores) {
+  // The generic node, the depthwise loops and the kernel loops.
+  struct Row { std::vector<int64_t> core; bool u0; };
+  const std::vector<Row> rows{{{2, 3}, true}, {{3, 1, 2, 2}, true}, {{3, 2, 2, 2}, false}};
+  for (const auto& row : rows) {
+    const auto& shape = row.core;
     auto core = torch::randn(shape, kF64).requires_grad_(true);
-    std::vector<Tensor> factors{torch::randn({4, shape[0]}, kF64).requires_grad_(true), Tensor()};
+    std::vector<Tensor> factors{row.u0 ? torch::randn({4, shape[0]}, kF64).requires_grad_(true) : Tensor(), Tensor()};
     if (shape.size() == 4) factors.push_back(torch::randn({5, 2}, kF64)), factors.push_back(torch::randn({5, 2}, kF64));
     auto dw = F::tucker_delta(core, factors, 1.0);
     try {
@@ -153,36 +159,50 @@ TEST(TuckerDelta, RefusesDoubleBackwardWithAClearError) {
   }
 }
 
-TEST(TuckerDelta, DepthwiseLoopsInFloatMatchTheDoubleReference) {
-  // The loops are templated on the dtype; float32 is what training runs. Reference: einsum in
-  // double on the same values, with a non-contiguous incoming gradient. Rows: everything
-  // trained, then the core frozen, then U_0 frozen (backward skips its gU_0 pass).
-  auto core = torch::randn({16, 1, 2, 2}, kF64);
-  std::vector<Tensor> factors{torch::randn({96, 16}, kF64), torch::randn({1, 1}, kF64), torch::randn({7, 2}, kF64),
-                              torch::randn({7, 2}, kF64)};
-  const auto weights = torch::randn({96, 1, 7, 7}, kF64).transpose(2, 3);
-  ASSERT_FALSE(weights.is_contiguous());
+TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
+  // The depthwise and kernel loops are templated on the dtype; float32 is what training runs.
+  // Reference: einsum in double on the same values, with a non-contiguous incoming gradient.
+  // Rows: everything trained, then the core frozen, then the first factor frozen (backward
+  // skips its pass).
+  struct Setup { const char* name; std::vector<int64_t> core; std::vector<std::vector<int64_t>> factors, weight; };
+  const std::vector<Setup> setups{
+      {"depthwise", {16, 1, 2, 2}, {{96, 16}, {1, 1}, {7, 2}, {7, 2}}, {{96, 1, 7, 7}}},
+      {"kernel", {16, 12, 2, 2}, {{}, {}, {3, 2}, {3, 2}}, {{16, 12, 3, 3}}},
+  };
   using Delta = Tensor (*)(const Tensor&, const std::vector<Tensor>&, double);
-  for (int frozen = -1; frozen < 2; ++frozen) {  // -1: none, 0: the core, 1: U_0
-    auto grads_of = [&](Delta delta, torch::Dtype dtype) {
-      auto c = core.to(dtype).detach().requires_grad_(frozen != 0);
-      std::vector<Tensor> us;
-      for (size_t n = 0; n < factors.size(); ++n) us.push_back(factors[n].to(dtype).detach().requires_grad_(!(frozen == 1 && n == 0)));
-      auto dw = delta(c, us, 0.5);
-      std::vector<Tensor> inputs;
-      for (const auto& t : {c, us[0], us[1], us[2], us[3]})
-        if (t.requires_grad()) inputs.push_back(t);
-      auto g = torch::autograd::grad({(dw * weights.to(dtype)).sum()}, inputs);
-      g.insert(g.begin(), dw);
-      return g;
-    };
-    const auto got = grads_of(&F::tucker_delta, torch::kFloat32);
-    const auto want = grads_of(&einsum_delta, torch::kFloat64);
-    ASSERT_EQ(got.size(), want.size());
-    for (size_t i = 0; i < got.size(); ++i) {
-      EXPECT_EQ(got[i].scalar_type(), torch::kFloat32) << "frozen " << frozen << " output " << i;
-      const double scale = want[i].abs().max().item<double>();
-      EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / scale, 1e-5) << "frozen " << frozen << " output " << i;
+  for (const auto& setup : setups) {
+    auto core = torch::randn(setup.core, kF64);
+    std::vector<Tensor> factors;
+    for (const auto& f : setup.factors) factors.push_back(f.empty() ? Tensor() : torch::randn(f, kF64));
+    const auto weights = torch::randn(setup.weight[0], kF64).transpose(2, 3);
+    ASSERT_FALSE(weights.is_contiguous());
+    size_t first = 0;
+    while (!factors[first].defined()) ++first;
+    for (int frozen = -1; frozen < 2; ++frozen) {  // -1: none, 0: the core, 1: the first factor
+      auto grads_of = [&](Delta delta, torch::Dtype dtype) {
+        auto c = core.to(dtype).detach().requires_grad_(frozen != 0);
+        std::vector<Tensor> us;
+        for (size_t n = 0; n < factors.size(); ++n)
+          us.push_back(factors[n].defined() ? factors[n].to(dtype).detach().requires_grad_(!(frozen == 1 && n == first))
+                                            : Tensor());
+        auto dw = delta(c, us, 0.5);
+        std::vector<Tensor> inputs;
+        if (c.requires_grad()) inputs.push_back(c);
+        for (const auto& t : us)
+          if (t.defined() && t.requires_grad()) inputs.push_back(t);
+        auto g = torch::autograd::grad({(dw * weights.to(dtype)).sum()}, inputs);
+        g.insert(g.begin(), dw);
+        return g;
+      };
+      const auto got = grads_of(&F::tucker_delta, torch::kFloat32);
+      const auto want = grads_of(&einsum_delta, torch::kFloat64);
+      ASSERT_EQ(got.size(), want.size());
+      for (size_t i = 0; i < got.size(); ++i) {
+        EXPECT_EQ(got[i].scalar_type(), torch::kFloat32) << setup.name << " frozen " << frozen << " output " << i;
+        const double scale = want[i].abs().max().item<double>();
+        EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / scale, 1e-5)
+            << setup.name << " frozen " << frozen << " output " << i;
+      }
     }
   }
 }
