@@ -505,26 +505,31 @@ struct DepthwiseDeltaFunction : public torch::autograd::Function<DepthwiseDeltaF
   }
 };
 
-// tucker_delta for the small kernel of the factorized and hybrid conv paths: core [p, q, a, b]
-// with factors on the two kernel modes only (modes 0 and 1 identity), dW = s G K^T viewed as
-// [p q, kh kw], K = U_2 (x) U_3 as above. The generic node takes about 40 LibTorch ops for it
-// (kronecker product, permutes, mm, mv); ResNet-18 builds 16 such kernels per step. Plain
-// loops: forward D = s G K^T; backward gG = s gD K and gK^T = s G^T gD, then the two factors'
-// gradients from gK^T. A few thousand multiply-adds each way at ranks [16, 16, 2, 2].
+// tucker_delta for a 2-d conv weight whose two kernel modes have factors (every conv FLoRA
+// adapts by default but the depthwise ones above): core [r_0, r_1, a, b], U_0 [P, r_0] and U_1
+// [Q, r_1] each a factor or identity, K = U_2 (x) U_3 as above. Forward: the kernel rows
+// Kc = s G K^T [r_0, r_1, kh kw] as plain loops, then T = U_1 Kc (one broadcast matmul) and
+// dW = U_0 T (one GEMM); backward the same in reverse, the core's and kernel factors' gradients
+// again as loops. The factorized and hybrid paths' core-conv kernel (modes 0 and 1 identity) is
+// the loops alone. The generic node ran 40 to 60 LibTorch ops here, each costing more than its
+// arithmetic: ResNet-18 builds 20 such tensors a step, ConvNeXt-tiny 4.
 struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunction> {
-  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& core, const Tensor& u2, const Tensor& u3,
-                        double scale) {
-    const int64_t rows = core.size(0) * core.size(1), R = core.size(2) * core.size(3), kh = u2.size(0),
+  // Inputs: core, U_0 and U_1 (empty for an identity mode), U_2, U_3; contiguous, one dtype.
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& core, const Tensor& u0, const Tensor& u1,
+                        const Tensor& u2, const Tensor& u3, double scale) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as TuckerDeltaFunction
+    const int64_t r0 = core.size(0), r1 = core.size(1), R = core.size(2) * core.size(3), kh = u2.size(0),
                   kw = u3.size(0), KK = kh * kw;
+    const int64_t P = u0.numel() ? u0.size(0) : r0, Q = u1.numel() ? u1.size(0) : r1;
     Tensor kt = at::empty({R * KK}, core.options());  // K^T [a b, kh kw], kept for backward
-    Tensor d = at::empty({core.size(0), core.size(1), kh, kw}, core.options());
+    Tensor kc = at::empty({r0, r1, KK}, core.options());
     AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "kernel_delta", [&] {
       scalar_t* k = kt.data_ptr<scalar_t>();
       DepthwiseDeltaLoops<scalar_t>::kron_t(u2, u3, k);
       const scalar_t s = static_cast<scalar_t>(scale);
       const scalar_t* g = core.data_ptr<scalar_t>();
-      scalar_t* out = d.data_ptr<scalar_t>();
-      for (int64_t c = 0; c < rows; ++c) {
+      scalar_t* out = kc.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < r0 * r1; ++c) {
         scalar_t* o = out + c * KK;
         for (int64_t j = 0; j < KK; ++j) o[j] = 0;
         for (int64_t q = 0; q < R; ++q) {
@@ -534,32 +539,56 @@ struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunctio
         }
       }
     });
-    ctx->save_for_backward({core, u2, u3, kt});
+    // T [r_0, Q, kh kw]; a 1x1 kernel's is one GEMM rather than r_0 matrix-vector products.
+    const Tensor t = !u1.numel() ? kc : KK == 1 ? kc.view({r0, r1}).mm(u1.t()).view({r0, Q, 1}) : at::matmul(u1, kc);
+    Tensor d = u0.numel() ? u0.mm(t.view({r0, Q * KK})) : t;
+    // Backward needs Kc for U_1's gradient and T for U_0's; an empty stand-in otherwise.
+    const Tensor none = at::empty({0}, core.options());
+    ctx->save_for_backward({core, u0, u1, u2, u3, kt, u1.numel() ? kc : none, u0.numel() ? t : none});
     ctx->saved_data["scale"] = scale;
-    return d;
+    return d.view({P, Q, kh, kw});
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
     refuse_double_backward();
-    torch::autograd::variable_list grads(4);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    torch::autograd::variable_list grads(6);
     if (!grad_out[0].defined()) return grads;
     const auto saved = ctx->get_saved_variables();
-    const Tensor &core = saved[0], &u2 = saved[1], &u3 = saved[2], &kt = saved[3];
+    const Tensor &core = saved[0], &u0 = saved[1], &u1 = saved[2], &u2 = saved[3], &u3 = saved[4], &kt = saved[5],
+                 &kc = saved[6], &t = saved[7];
     const double scale = ctx->saved_data["scale"].toDouble();
-    const Tensor gd = grad_out[0].to(core.scalar_type()).contiguous();
-    const int64_t rows = core.size(0) * core.size(1), R = core.size(2) * core.size(3),
-                  KK = u2.size(0) * u3.size(0);
-    const bool want_core = ctx->needs_input_grad(0), want_u2 = ctx->needs_input_grad(1),
-               want_u3 = ctx->needs_input_grad(2);
+    const int64_t r0 = core.size(0), r1 = core.size(1), R = core.size(2) * core.size(3), KK = u2.size(0) * u3.size(0);
+    const int64_t P = u0.numel() ? u0.size(0) : r0, Q = u1.numel() ? u1.size(0) : r1;
+    const bool want_core = ctx->needs_input_grad(0), want_u2 = ctx->needs_input_grad(3),
+               want_u3 = ctx->needs_input_grad(4);
+    Tensor g = grad_out[0].to(core.scalar_type()).contiguous().view({P, Q * KK});
+    if (u0.numel()) {  // dW = U_0 T
+      if (ctx->needs_input_grad(1)) grads[1] = g.mm(t.view({r0, Q * KK}).t());
+      g = u0.t().mm(g);
+    }
+    g = g.view({r0, Q, KK});
+    if (u1.numel()) {  // T = U_1 Kc, per core row
+      const bool want_kc = want_core || want_u2 || want_u3;
+      if (KK == 1) {
+        if (ctx->needs_input_grad(2)) grads[2] = g.view({r0, Q}).t().mm(kc.view({r0, r1}));
+        if (want_kc) g = g.view({r0, Q}).mm(u1).view({r0, r1, 1});
+      } else {
+        if (ctx->needs_input_grad(2)) grads[2] = at::tensordot(g, kc, {0, 2}, {0, 2});
+        if (want_kc) g = at::matmul(u1.t(), g);
+      }
+    }
+    if (!want_core && !want_u2 && !want_u3) return grads;
+    const Tensor gd = g.contiguous();  // [r_0, r_1, kh kw]
     if (want_core) grads[0] = at::empty_like(core);
     Tensor gkt = want_u2 || want_u3 ? at::zeros({R * KK}, core.options()) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "kernel_delta_backward", [&] {
       const scalar_t s = static_cast<scalar_t>(scale);
-      const scalar_t *g = core.data_ptr<scalar_t>(), *k = kt.data_ptr<scalar_t>(), *gdp = gd.data_ptr<scalar_t>();
+      const scalar_t *gc = core.data_ptr<scalar_t>(), *k = kt.data_ptr<scalar_t>(), *gdp = gd.data_ptr<scalar_t>();
       scalar_t* gg = want_core ? grads[0].data_ptr<scalar_t>() : nullptr;
       scalar_t* gk = gkt.defined() ? gkt.data_ptr<scalar_t>() : nullptr;
-      for (int64_t c = 0; c < rows; ++c) {
+      for (int64_t c = 0; c < r0 * r1; ++c) {
         const scalar_t* grow = gdp + c * KK;
         for (int64_t q = 0; q < R; ++q) {
           const scalar_t* kq = k + q * KK;
@@ -569,15 +598,15 @@ struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunctio
             gg[c * R + q] = s * acc;
           }
           if (gk) {
-            const scalar_t m = s * g[c * R + q];
+            const scalar_t m = s * gc[c * R + q];
             scalar_t* o = gk + q * KK;
             for (int64_t j = 0; j < KK; ++j) o[j] += m * grow[j];
           }
         }
       }
       if (gk)
-        DepthwiseDeltaLoops<scalar_t>::kron_factor_grads(gk, u2, u3, want_u2 ? &grads[1] : nullptr,
-                                                         want_u3 ? &grads[2] : nullptr);
+        DepthwiseDeltaLoops<scalar_t>::kron_factor_grads(gk, u2, u3, want_u2 ? &grads[3] : nullptr,
+                                                         want_u3 ? &grads[4] : nullptr);
     });
     return grads;
   }
@@ -596,14 +625,13 @@ bool depthwise_delta_applies(const Tensor& core, const std::vector<Tensor>& fact
   return core.device().is_cpu();
 }
 
-// ... and a 2-d kernel with factors on its two kernel modes only (modes 0 and 1 identity).
+// ... and any other 2-d conv weight whose two kernel modes have factors.
 bool kernel_delta_applies(const Tensor& core, const std::vector<Tensor>& factors) {
-  if (core.dim() != 4 || factors[0].defined() || factors[1].defined() || !factors[2].defined() || !factors[3].defined())
-    return false;
+  if (core.dim() != 4 || !factors[2].defined() || !factors[3].defined()) return false;
   const auto dtype = core.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return false;
-  for (size_t n = 2; n < 4; ++n)
-    if (factors[n].scalar_type() != dtype || !factors[n].device().is_cpu()) return false;
+  for (const auto& t : factors)
+    if (t.defined() && (t.scalar_type() != dtype || !t.device().is_cpu())) return false;
   return core.device().is_cpu();
 }
 
@@ -617,8 +645,12 @@ Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, doub
                                          factors[1].defined() ? factors[1].contiguous() : none,
                                          factors[2].contiguous(), factors[3].contiguous(), scale);
   }
-  if (kernel_delta_applies(core, factors))
-    return KernelDeltaFunction::apply(core.contiguous(), factors[2].contiguous(), factors[3].contiguous(), scale);
+  if (kernel_delta_applies(core, factors)) {
+    const Tensor none = at::empty({0}, core.options());
+    auto or_none = [&](const Tensor& u) { return u.defined() ? u.contiguous() : none; };
+    return KernelDeltaFunction::apply(core.contiguous(), or_none(factors[0]), or_none(factors[1]),
+                                      factors[2].contiguous(), factors[3].contiguous(), scale);
+  }
   std::vector<Tensor> defined;
   std::vector<int64_t> modes;
   for (size_t n = 0; n < factors.size(); ++n)

@@ -70,8 +70,9 @@ struct DeltaCase {
 // Single modes, identity modes, rank-1 broadcasts and the fused Kronecker kernel modes (2 and 3
 // of them; depthwise-like, 1x1, and a kernel too large to fuse). The [C, 1, kh, kw] rows with
 // factors on modes 0, 2 and 3 take the depthwise loops (U_1 a 1x1 factor or identity; square
-// and non-square kernels and ranks, so a transposed index shows). The [p, q, kh, kw] rows with
-// factors on modes 2 and 3 only take the kernel loops (the factorized and hybrid paths' kernel).
+// and non-square kernels and ranks, so a transposed index shows). The other 4-d rows with factors
+// on modes 2 and 3 take the kernel node (loops, then U_1 and U_0 as matmuls; each of modes 0 and 1
+// a factor or identity).
 std::vector<DeltaCase> delta_cases() {
   return {
       {{7}, {3}, {false}},
@@ -93,6 +94,10 @@ std::vector<DeltaCase> delta_cases() {
       {{4, 3, 3, 3}, {4, 3, 2, 2}, {true, true, false, false}},
       {{3, 5, 5, 3}, {3, 5, 2, 3}, {true, true, false, false}},
       {{2, 3, 1, 1}, {2, 3, 1, 1}, {true, true, false, false}},
+      {{5, 3, 3, 2}, {2, 3, 2, 1}, {false, true, false, false}},
+      {{2, 7, 2, 3}, {2, 3, 2, 2}, {true, false, false, false}},
+      {{9, 3, 4, 4}, {4, 3, 2, 2}, {false, false, false, false}},
+      {{3, 6, 1, 1}, {3, 2, 1, 1}, {true, false, false, false}},
   };
 }
 
@@ -141,9 +146,9 @@ TEST(TuckerDelta, GradientsMatchAutogradOfEinsumForEveryCase) {
 }
 
 TEST(TuckerDelta, RefusesDoubleBackwardWithAClearError) {
-  // The generic node, the depthwise loops and the kernel loops.
+  // The generic node, the depthwise loops and the kernel node (without and with U_0).
   struct Row { std::vector<int64_t> core; bool u0; };
-  const std::vector<Row> rows{{{2, 3}, true}, {{3, 1, 2, 2}, true}, {{3, 2, 2, 2}, false}};
+  const std::vector<Row> rows{{{2, 3}, true}, {{3, 1, 2, 2}, true}, {{3, 2, 2, 2}, false}, {{3, 2, 2, 2}, true}};
   for (const auto& row : rows) {
     const auto& shape = row.core;
     auto core = torch::randn(shape, kF64).requires_grad_(true);
@@ -160,7 +165,7 @@ TEST(TuckerDelta, RefusesDoubleBackwardWithAClearError) {
 }
 
 TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
-  // The depthwise and kernel loops are templated on the dtype; float32 is what training runs.
+  // The depthwise and kernel nodes are templated on the dtype; float32 is what training runs.
   // Reference: einsum in double on the same values, with a non-contiguous incoming gradient.
   // Rows: everything trained, then the core frozen, then the first factor frozen (backward
   // skips its pass).
@@ -168,13 +173,15 @@ TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
   const std::vector<Setup> setups{
       {"depthwise", {16, 1, 2, 2}, {{96, 16}, {1, 1}, {7, 2}, {7, 2}}, {{96, 1, 7, 7}}},
       {"kernel", {16, 12, 2, 2}, {{}, {}, {3, 2}, {3, 2}}, {{16, 12, 3, 3}}},
+      {"folded input", {16, 12, 2, 2}, {{}, {40, 12}, {2, 2}, {2, 2}}, {{16, 40, 2, 2}}},
+      {"merged", {16, 3, 2, 2}, {{48, 16}, {3, 3}, {7, 2}, {5, 2}}, {{48, 3, 5, 7}}},
   };
   using Delta = Tensor (*)(const Tensor&, const std::vector<Tensor>&, double);
   for (const auto& setup : setups) {
     auto core = torch::randn(setup.core, kF64);
     std::vector<Tensor> factors;
     for (const auto& f : setup.factors) factors.push_back(f.empty() ? Tensor() : torch::randn(f, kF64));
-    const auto weights = torch::randn(setup.weight[0], kF64).transpose(2, 3);
+    const auto weights = torch::randn(setup.weight[0], kF64).transpose(2, 3);  // dW's shape, strided
     ASSERT_FALSE(weights.is_contiguous());
     size_t first = 0;
     while (!factors[first].defined()) ++first;
