@@ -508,9 +508,8 @@ struct DepthwiseDeltaFunction : public torch::autograd::Function<DepthwiseDeltaF
 // tucker_delta for a 2-d conv weight whose two kernel modes have factors (every conv FLoRA
 // adapts by default but the depthwise ones above): core [r_0, r_1, a, b], U_0 [P, r_0] and U_1
 // [Q, r_1] each a factor or identity, K = U_2 (x) U_3 as above. Forward: the kernel rows
-// Kc = s G K^T [r_0, r_1, kh kw] as plain loops, then T = U_1 Kc (one broadcast matmul) and
-// dW = U_0 T (one GEMM); backward the same in reverse, the core's and kernel factors' gradients
-// again as loops. The factorized and hybrid paths' core-conv kernel (modes 0 and 1 identity) is
+// Kc = s G K^T [r_0, r_1, kh kw] as plain loops, then T = U_1 Kc and dW = U_0 T (one GEMM
+// each); backward the same in reverse, the core's and kernel factors' gradients again as loops. The factorized and hybrid paths' core-conv kernel (modes 0 and 1 identity) is
 // the loops alone. The generic node ran 40 to 60 LibTorch ops here, each costing more than its
 // arithmetic: ResNet-18 builds 20 such tensors a step, ConvNeXt-tiny 4.
 struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunction> {
@@ -522,7 +521,10 @@ struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunctio
                   kw = u3.size(0), KK = kh * kw;
     const int64_t P = u0.numel() ? u0.size(0) : r0, Q = u1.numel() ? u1.size(0) : r1;
     Tensor kt = at::empty({R * KK}, core.options());  // K^T [a b, kh kw], kept for backward
-    Tensor kc = at::empty({r0, r1, KK}, core.options());
+    // Kc's rows in core order [r_0, r_1, kh kw], or [r_1, r_0, kh kw] where U_1 follows: then
+    // T^T = U_1 Kc is one GEMM [Q, r_0 kh kw], where [r_0, r_1, kh kw] would need r_0 of them.
+    const bool by_in = u1.numel() > 0;
+    Tensor kc = at::empty({by_in ? r1 : r0, by_in ? r0 : r1, KK}, core.options());
     AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "kernel_delta", [&] {
       scalar_t* k = kt.data_ptr<scalar_t>();
       DepthwiseDeltaLoops<scalar_t>::kron_t(u2, u3, k);
@@ -530,7 +532,7 @@ struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunctio
       const scalar_t* g = core.data_ptr<scalar_t>();
       scalar_t* out = kc.data_ptr<scalar_t>();
       for (int64_t c = 0; c < r0 * r1; ++c) {
-        scalar_t* o = out + c * KK;
+        scalar_t* o = out + (by_in ? (c % r1) * r0 + c / r1 : c) * KK;
         for (int64_t j = 0; j < KK; ++j) o[j] = 0;
         for (int64_t q = 0; q < R; ++q) {
           const scalar_t gq = s * g[c * R + q];
@@ -539,8 +541,8 @@ struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunctio
         }
       }
     });
-    // T [r_0, Q, kh kw]; a 1x1 kernel's is one GEMM rather than r_0 matrix-vector products.
-    const Tensor t = !u1.numel() ? kc : KK == 1 ? kc.view({r0, r1}).mm(u1.t()).view({r0, Q, 1}) : at::matmul(u1, kc);
+    // T [r_0, Q, kh kw] (contiguous: U_0's GEMM and the caller take it as is).
+    const Tensor t = by_in ? u1.mm(kc.view({r1, r0 * KK})).view({Q, r0, KK}).transpose(0, 1).contiguous() : kc;
     Tensor d = u0.numel() ? u0.mm(t.view({r0, Q * KK})) : t;
     // Backward needs Kc for U_1's gradient and T for U_0's; an empty stand-in otherwise.
     const Tensor none = at::empty({0}, core.options());
@@ -569,18 +571,14 @@ struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunctio
       g = u0.t().mm(g);
     }
     g = g.view({r0, Q, KK});
-    if (u1.numel()) {  // T = U_1 Kc, per core row
-      const bool want_kc = want_core || want_u2 || want_u3;
-      if (KK == 1) {
-        if (ctx->needs_input_grad(2)) grads[2] = g.view({r0, Q}).t().mm(kc.view({r0, r1}));
-        if (want_kc) g = g.view({r0, Q}).mm(u1).view({r0, r1, 1});
-      } else {
-        if (ctx->needs_input_grad(2)) grads[2] = at::tensordot(g, kc, {0, 2}, {0, 2});
-        if (want_kc) g = at::matmul(u1.t(), g);
-      }
+    if (u1.numel()) {  // T^T = U_1 Kc with Kc [r_1, r_0 kh kw]; gKc in that layout too
+      const Tensor gt = g.transpose(0, 1).contiguous().view({Q, r0 * KK});
+      if (ctx->needs_input_grad(2)) grads[2] = gt.mm(kc.view({r1, r0 * KK}).t());
+      if (want_core || want_u2 || want_u3) g = u1.t().mm(gt);
     }
     if (!want_core && !want_u2 && !want_u3) return grads;
-    const Tensor gd = g.contiguous();  // [r_0, r_1, kh kw]
+    const bool by_in = u1.numel() > 0;
+    const Tensor gd = g.contiguous();  // gKc, [r_0, r_1, kh kw] or [r_1, r_0, kh kw] as forward's Kc
     if (want_core) grads[0] = at::empty_like(core);
     Tensor gkt = want_u2 || want_u3 ? at::zeros({R * KK}, core.options()) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "kernel_delta_backward", [&] {
@@ -589,7 +587,7 @@ struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunctio
       scalar_t* gg = want_core ? grads[0].data_ptr<scalar_t>() : nullptr;
       scalar_t* gk = gkt.defined() ? gkt.data_ptr<scalar_t>() : nullptr;
       for (int64_t c = 0; c < r0 * r1; ++c) {
-        const scalar_t* grow = gdp + c * KK;
+        const scalar_t* grow = gdp + (by_in ? (c % r1) * r0 + c / r1 : c) * KK;
         for (int64_t q = 0; q < R; ++q) {
           const scalar_t* kq = k + q * KK;
           if (gg) {
