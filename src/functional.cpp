@@ -509,9 +509,11 @@ struct DepthwiseDeltaFunction : public torch::autograd::Function<DepthwiseDeltaF
 // adapts by default but the depthwise ones above): core [r_0, r_1, a, b], U_0 [P, r_0] and U_1
 // [Q, r_1] each a factor or identity, K = U_2 (x) U_3 as above. Forward: the kernel rows
 // Kc = s G K^T [r_0, r_1, kh kw] as plain loops, then T = U_1 Kc and dW = U_0 T (one GEMM
-// each); backward the same in reverse, the core's and kernel factors' gradients again as loops. The factorized and hybrid paths' core-conv kernel (modes 0 and 1 identity) is
-// the loops alone. The generic node ran 40 to 60 LibTorch ops here, each costing more than its
-// arithmetic: ResNet-18 builds 20 such tensors a step, ConvNeXt-tiny 4.
+// each); backward the same in reverse, the core's and kernel factors' gradients again as loops.
+// The factorized and hybrid paths' core-conv kernel (modes 0 and 1 identity) is the loops
+// alone, or the loops and U_1's GEMM where the factorized path folds U_in into it. The generic
+// node ran 40 to 60 LibTorch ops here, each costing more than its arithmetic: ResNet-18 builds
+// 20 such tensors a step, ConvNeXt-tiny 4.
 struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunction> {
   // Inputs: core, U_0 and U_1 (empty for an identity mode), U_2, U_3; contiguous, one dtype.
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& core, const Tensor& u0, const Tensor& u1,
@@ -623,14 +625,16 @@ bool depthwise_delta_applies(const Tensor& core, const std::vector<Tensor>& fact
   return core.device().is_cpu();
 }
 
-// ... and any other 2-d conv weight whose two kernel modes have factors.
+// ... and any other 2-d conv weight whose two kernel modes have factors, where K = U_2 (x) U_3
+// is small (as the generic plan's Kronecker fusion: the loops cost r_0 r_1 times its size).
 bool kernel_delta_applies(const Tensor& core, const std::vector<Tensor>& factors) {
   if (core.dim() != 4 || !factors[2].defined() || !factors[3].defined()) return false;
+  if (factors[2].numel() * factors[3].numel() > 4096) return false;
   const auto dtype = core.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return false;
-  for (const auto& t : factors)
-    if (t.defined() && (t.scalar_type() != dtype || !t.device().is_cpu())) return false;
-  return core.device().is_cpu();
+  for (const auto& t : factors)  // an empty factor would read as identity in the node
+    if (t.defined() && (t.scalar_type() != dtype || !t.device().is_cpu() || t.numel() == 0)) return false;
+  return core.device().is_cpu() && core.numel() > 0;
 }
 
 }  // namespace

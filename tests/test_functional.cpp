@@ -6,6 +6,7 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <string>
@@ -98,6 +99,7 @@ std::vector<DeltaCase> delta_cases() {
       {{2, 7, 2, 3}, {2, 3, 2, 2}, {true, false, false, false}},
       {{9, 3, 4, 4}, {4, 3, 2, 2}, {false, false, false, false}},
       {{3, 6, 1, 1}, {3, 2, 1, 1}, {true, false, false, false}},
+      {{2, 3, 17, 17}, {2, 2, 4, 4}, {false, false, false, false}},  // U_2 (x) U_3 over 4,096: generic node
   };
 }
 
@@ -146,13 +148,16 @@ TEST(TuckerDelta, GradientsMatchAutogradOfEinsumForEveryCase) {
 }
 
 TEST(TuckerDelta, RefusesDoubleBackwardWithAClearError) {
-  // The generic node, the depthwise loops and the kernel node (without and with U_0).
-  struct Row { std::vector<int64_t> core; bool u0; };
-  const std::vector<Row> rows{{{2, 3}, true}, {{3, 1, 2, 2}, true}, {{3, 2, 2, 2}, false}, {{3, 2, 2, 2}, true}};
+  // The generic node, the depthwise loops and the kernel node (without factors on modes 0 and 1,
+  // and with both).
+  struct Row { std::vector<int64_t> core; bool u0, u1; };
+  const std::vector<Row> rows{
+      {{2, 3}, true, false}, {{3, 1, 2, 2}, true, false}, {{3, 2, 2, 2}, false, false}, {{3, 2, 2, 2}, true, true}};
   for (const auto& row : rows) {
     const auto& shape = row.core;
     auto core = torch::randn(shape, kF64).requires_grad_(true);
-    std::vector<Tensor> factors{row.u0 ? torch::randn({4, shape[0]}, kF64).requires_grad_(true) : Tensor(), Tensor()};
+    std::vector<Tensor> factors{row.u0 ? torch::randn({4, shape[0]}, kF64).requires_grad_(true) : Tensor(),
+                                row.u1 ? torch::randn({6, shape[1]}, kF64).requires_grad_(true) : Tensor()};
     if (shape.size() == 4) factors.push_back(torch::randn({5, 2}, kF64)), factors.push_back(torch::randn({5, 2}, kF64));
     auto dw = F::tucker_delta(core, factors, 1.0);
     try {
@@ -167,8 +172,8 @@ TEST(TuckerDelta, RefusesDoubleBackwardWithAClearError) {
 TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
   // The depthwise and kernel nodes are templated on the dtype; float32 is what training runs.
   // Reference: einsum in double on the same values, with a non-contiguous incoming gradient.
-  // Rows: everything trained, then the core frozen, then the first factor frozen (backward
-  // skips its pass).
+  // Rows freeze nothing, the core, U_0 or U_1 (backward skips their passes), or the core and
+  // both kernel factors (only U_0 / U_1 train: the kernel rows' gradient is never formed).
   struct Setup { const char* name; std::vector<int64_t> core; std::vector<std::vector<int64_t>> factors, weight; };
   const std::vector<Setup> setups{
       {"depthwise", {16, 1, 2, 2}, {{96, 16}, {1, 1}, {7, 2}, {7, 2}}, {{96, 1, 7, 7}}},
@@ -176,6 +181,8 @@ TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
       {"folded input", {16, 12, 2, 2}, {{}, {40, 12}, {2, 2}, {2, 2}}, {{16, 40, 2, 2}}},
       {"merged", {16, 3, 2, 2}, {{48, 16}, {3, 3}, {7, 2}, {5, 2}}, {{48, 3, 5, 7}}},
   };
+  const int kCore = -1;  // index of the core in a frozen set; 0..3 are the factors' modes
+  const std::vector<std::vector<int>> frozen_sets{{}, {kCore}, {0}, {1}, {kCore, 2, 3}};
   using Delta = Tensor (*)(const Tensor&, const std::vector<Tensor>&, double);
   for (const auto& setup : setups) {
     auto core = torch::randn(setup.core, kF64);
@@ -183,14 +190,22 @@ TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
     for (const auto& f : setup.factors) factors.push_back(f.empty() ? Tensor() : torch::randn(f, kF64));
     const auto weights = torch::randn(setup.weight[0], kF64).transpose(2, 3);  // dW's shape, strided
     ASSERT_FALSE(weights.is_contiguous());
-    size_t first = 0;
-    while (!factors[first].defined()) ++first;
-    for (int frozen = -1; frozen < 2; ++frozen) {  // -1: none, 0: the core, 1: the first factor
+    for (const auto& frozen : frozen_sets) {
+      auto is_frozen = [&](int i) { return std::find(frozen.begin(), frozen.end(), i) != frozen.end(); };
+      bool skip = false, trains = !is_frozen(kCore);
+      for (int n = 0; n < 4; ++n) {
+        if (is_frozen(n) && !factors[static_cast<size_t>(n)].defined()) skip = true;
+        if (!is_frozen(n) && factors[static_cast<size_t>(n)].defined()) trains = true;
+      }
+      if (skip || !trains) continue;
+      std::string row = std::string(setup.name) + ", frozen {";
+      for (int i : frozen) row += (i == kCore ? "core" : "U_" + std::to_string(i)) + " ";
+      row += "}";
       auto grads_of = [&](Delta delta, torch::Dtype dtype) {
-        auto c = core.to(dtype).detach().requires_grad_(frozen != 0);
+        auto c = core.to(dtype).detach().requires_grad_(!is_frozen(kCore));
         std::vector<Tensor> us;
         for (size_t n = 0; n < factors.size(); ++n)
-          us.push_back(factors[n].defined() ? factors[n].to(dtype).detach().requires_grad_(!(frozen == 1 && n == first))
+          us.push_back(factors[n].defined() ? factors[n].to(dtype).detach().requires_grad_(!is_frozen(static_cast<int>(n)))
                                             : Tensor());
         auto dw = delta(c, us, 0.5);
         std::vector<Tensor> inputs;
@@ -203,12 +218,11 @@ TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
       };
       const auto got = grads_of(&F::tucker_delta, torch::kFloat32);
       const auto want = grads_of(&einsum_delta, torch::kFloat64);
-      ASSERT_EQ(got.size(), want.size());
+      ASSERT_EQ(got.size(), want.size()) << row;
       for (size_t i = 0; i < got.size(); ++i) {
-        EXPECT_EQ(got[i].scalar_type(), torch::kFloat32) << setup.name << " frozen " << frozen << " output " << i;
+        EXPECT_EQ(got[i].scalar_type(), torch::kFloat32) << row << " output " << i;
         const double scale = want[i].abs().max().item<double>();
-        EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / scale, 1e-5)
-            << setup.name << " frozen " << frozen << " output " << i;
+        EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / scale, 1e-5) << row << " output " << i;
       }
     }
   }
