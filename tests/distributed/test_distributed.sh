@@ -29,10 +29,11 @@ print(max((a[k] - b[k]).abs().max().item() for k in a))' "$1" "$2"
 within() { "$python" -c 'import sys; sys.exit(0 if float(sys.argv[2]) <= float(sys.argv[1]) else 1)' "$1" "$2"; }
 port() { "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# 512 training images: 32 steps of 16; 500 validation images (not a multiple of 2 x 8). One
-# epoch: float32 sums in another order drift apart with more Adam steps (docs/DISTRIBUTED.md).
-common=(--model smallcnn --num-classes 10 --data procedural:shapes:512 --val-data procedural:shapes:512 --augment none
-        --epochs 1 --seed 5 --log-every 4 --workers 1)
+# 256 training images: 16 steps of 16; 500 validation images (not a multiple of 2 x 8). One
+# epoch at lr 3e-4: float32 sums in another order drift apart with more Adam steps, faster than
+# linearly (32 steps at lr 1e-3 exceeded 1e-5 for 4 of 5 seeds; docs/DISTRIBUTED.md).
+common=(--model smallcnn --num-classes 10 --data procedural:shapes:256 --val-data procedural:shapes:512 --augment none
+        --epochs 1 --seed 5 --log-every 4 --workers 1 --lr 3e-4)
 adapter=adapter/adapter_model.safetensors
 
 "$flora" train "${common[@]}" --batch-size 16 --out one_2b >one_2b.log 2>&1 || no "1 process, batch 2B"
