@@ -111,6 +111,7 @@ struct DeltaStep {
 // weight's layout), when all have factors, run as one GEMM with the Kronecker product of their
 // factors, t [P, r_2 ... r_N] K^T, instead of one mode product each: K is tiny ([9, 4] for a 3x3
 // kernel at rank 2), and a conv adapter builds dW every step.
+constexpr int64_t kMaxKroneckerElements = 4096;  // larger K: mode products one by one
 std::vector<DeltaStep> delta_steps(const Tensor& core, const std::vector<Tensor>& factors) {
   std::vector<bool> identity(factors.size());
   for (size_t n = 0; n < factors.size(); ++n) identity[n] = !factors[n].defined();
@@ -122,7 +123,7 @@ std::vector<DeltaStep> delta_steps(const Tensor& core, const std::vector<Tensor>
   int64_t kron_elements = 1;
   for (int64_t n = first; n < N; ++n) kron_elements *= factors[n].size(0) * factors[n].size(1);
   const auto at_pos = std::find(plan.order.begin(), plan.order.end(), first);
-  const bool fuse = N - first >= 2 && kron_elements <= 4096 && plan.order.end() - at_pos >= N - first &&
+  const bool fuse = N - first >= 2 && kron_elements <= kMaxKroneckerElements && plan.order.end() - at_pos >= N - first &&
                     std::all_of(at_pos, at_pos + (N - first), [&](int64_t n) { return n >= first; });
   std::vector<DeltaStep> steps;
   for (size_t i = 0; i < plan.order.size();) {
@@ -612,29 +613,32 @@ struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunctio
   }
 };
 
+// The loop nodes above take CPU tensors of one dtype, float or double.
+bool loops_take(const Tensor& core, const std::vector<Tensor>& factors) {
+  const auto dtype = core.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kDouble) || !core.device().is_cpu()) return false;
+  for (const auto& t : factors)
+    if (t.defined() && (t.scalar_type() != dtype || !t.device().is_cpu())) return false;
+  return true;
+}
+
 // The loops above apply: a depthwise 2-d conv weight's delta ([C, 1, kh, kw], core [r, 1, a, b])
-// with factors on the channel and both kernel modes, CPU tensors of one dtype, float or double.
+// with factors on the channel and both kernel modes.
 bool depthwise_delta_applies(const Tensor& core, const std::vector<Tensor>& factors) {
   if (core.dim() != 4 || core.size(1) != 1 || !factors[0].defined() || !factors[2].defined() || !factors[3].defined())
     return false;
   if (factors[1].defined() && factors[1].size(0) != 1) return false;
-  const auto dtype = core.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) return false;
-  for (const auto& t : factors)
-    if (t.defined() && (t.scalar_type() != dtype || !t.device().is_cpu())) return false;
-  return core.device().is_cpu();
+  return loops_take(core, factors);
 }
 
 // ... and any other 2-d conv weight whose two kernel modes have factors, where K = U_2 (x) U_3
 // is small (as the generic plan's Kronecker fusion: the loops cost r_0 r_1 times its size).
 bool kernel_delta_applies(const Tensor& core, const std::vector<Tensor>& factors) {
-  if (core.dim() != 4 || !factors[2].defined() || !factors[3].defined()) return false;
-  if (factors[2].numel() * factors[3].numel() > 4096) return false;
-  const auto dtype = core.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  if (core.dim() != 4 || !factors[2].defined() || !factors[3].defined() || core.numel() == 0) return false;
+  if (factors[2].numel() * factors[3].numel() > kMaxKroneckerElements) return false;
   for (const auto& t : factors)  // an empty factor would read as identity in the node
-    if (t.defined() && (t.scalar_type() != dtype || !t.device().is_cpu() || t.numel() == 0)) return false;
-  return core.device().is_cpu() && core.numel() > 0;
+    if (t.defined() && t.numel() == 0) return false;
+  return loops_take(core, factors);
 }
 
 }  // namespace
