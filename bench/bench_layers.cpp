@@ -184,10 +184,12 @@ int main(int argc, char** argv) {
       }
     }
   for (const auto& s : kSmallConvShapes)
-    for (auto v : all) {
-      const std::string name = "conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16/" + variant_name(v);
-      benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, false, false)->Unit(benchmark::kMillisecond)->UseManualTime();
-    }
+    for (auto v : all)
+      for (bool cl : {false, true}) {
+        const std::string name = "conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16" +
+                                 (cl ? "_nhwc/" : "/") + variant_name(v);
+        benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, false, cl)->Unit(benchmark::kMillisecond)->UseManualTime();
+      }
   for (const auto& s : kDepthwiseShapes)
     for (auto v : {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraSeparable, Variant::Lora}) {
       const std::string name = "dw7x7_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16/" + variant_name(v);
