@@ -436,9 +436,13 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   // gradient (for U_in's), the two 1x1 weight gradients, and Wm built by GEMMs (r_0 K in r_1 +
   // out r_0 K in multiply-adds), W0 read and Wm written. The r-channel tensors are charged as
   // the factorized branch's are; there is no full-size add. Backward rebuilds Wm instead of
-  // keeping it; that second build is not charged: charging it moved ResNet-18's three
-  // 128-channel 8x8 convs to factorized, which measured 1 to 2 % slower per step at 1 thread
-  // (docs/PERFORMANCE.md).
+  // keeping it; that second build's multiply-adds are charged, its memory traffic is not.
+  // Charging the GEMM sends three of ResNet-18's layer2 convs (128 channels at 8x8 for 64-px
+  // images) and nine of ResNet-50's to factorized: on session 15's machine 0.8 % faster per
+  // ResNet-18 step at 2 threads, level at 1 thread (on session 12's the same choice measured 1 to
+  // 2 % slower at 1 thread). Charging the traffic as well also moved 256 channels at 14x14 to
+  // factorized, 2 % slower there (1.17x against 1.15x the frozen layer; docs/PERFORMANCE.md,
+  // "Memory: the allocator and the optimizer's buckets").
   c.hybrid = std::numeric_limits<double>::infinity();
   if (in.training && in.groups == 1 && !in.dropout && !in.autocast) {
     const double cin = static_cast<double>(in.in_channels);
@@ -448,7 +452,7 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
     const double core_passes = 1.0 + (s.identity[0] ? 0.0 : 1.0) + (s.identity[1] ? 0.0 : 1.0);
     const double build = (s.identity[1] ? 0.0 : r_out * K * cin * r_in) + (s.identity[0] ? 0.0 : weight * r_out);
     const double moved = (s.identity[1] ? 0.0 : 2.0 * p_in * r_in) + (s.identity[0] ? 0.0 : 2.0 * p_out * r_out);
-    c.hybrid = 2.0 * proj_in + 2.0 * proj_out + core_passes * p_out * r_out * r_in * K + build +
+    c.hybrid = 2.0 * proj_in + 2.0 * proj_out + core_passes * p_out * r_out * r_in * K + 2.0 * build +
                kMemCost * (2.0 * weight + 2.0 * moved);
   }
 

@@ -721,12 +721,14 @@ TEST(FloraConv, HybridPathRefusesGroupedConvsAndDropoutNamingLayerAndValues) {
 
 TEST(FloraConv, CostModelPicksHybridWherePixelsOutweighTheWeight) {
   // ResNet's 3x3 convs at batch 16: hybrid where activations dominate (224-pixel ResNet-18's
-  // stages, and its 64x64-image stages 1 and 2); factorized where the weight does (512 channels,
-  // and 256 channels at 4x4), since Wm = W0 + dW is rebuilt and read every step.
+  // stages, and its 64x64-image stage 1); factorized where the weight does (512 channels, 256
+  // channels at 4x4, 128 at 8x8), since Wm = W0 + dW is built twice (forward, backward) and read
+  // every step.
   struct Row { int64_t c, hw; ConvPath expect; };
   for (const auto& r : std::vector<Row>{{64, 56, ConvPath::Hybrid}, {128, 28, ConvPath::Hybrid},
                                          {256, 14, ConvPath::Hybrid}, {512, 7, ConvPath::Factorized},
-                                         {64, 16, ConvPath::Hybrid}, {256, 4, ConvPath::Factorized},
+                                         {64, 16, ConvPath::Hybrid}, {128, 8, ConvPath::Factorized},
+                                         {256, 4, ConvPath::Factorized},
                                          {512, 2, ConvPath::Factorized}}) {
     flora::nn::Conv2d conv(torch::nn::Conv2dOptions(r.c, r.c, 3).padding(1).bias(false));
     conv->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
