@@ -175,21 +175,14 @@ int main(int argc, char** argv) {
   flora::configure_allocator();  // as the flora command does (FLORA_MALLOC_TUNING=0 to compare without)
   const Variant all[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized,
                          Variant::FloraHybrid, Variant::Lora, Variant::Full};
-  for (const auto& s : kConvShapes)
-    for (auto v : all) {
-      for (bool cl : {false, true}) {
-        const std::string name = "conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16" +
-                                 (cl ? "_nhwc/" : "/") + variant_name(v);
-        benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, false, cl)->Unit(benchmark::kMillisecond)->UseManualTime();
-      }
-    }
-  for (const auto& s : kSmallConvShapes)
-    for (auto v : all)
-      for (bool cl : {false, true}) {
-        const std::string name = "conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16" +
-                                 (cl ? "_nhwc/" : "/") + variant_name(v);
-        benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, false, cl)->Unit(benchmark::kMillisecond)->UseManualTime();
-      }
+  for (const auto* shapes : {&kConvShapes, &kSmallConvShapes})
+    for (const auto& s : *shapes)
+      for (auto v : all)
+        for (bool cl : {false, true}) {
+          const std::string name = "conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16" +
+                                   (cl ? "_nhwc/" : "/") + variant_name(v);
+          benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, false, cl)->Unit(benchmark::kMillisecond)->UseManualTime();
+        }
   for (const auto& s : kDepthwiseShapes)
     for (auto v : {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraSeparable, Variant::Lora}) {
       const std::string name = "dw7x7_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16/" + variant_name(v);
