@@ -41,6 +41,11 @@ const ConvShape kConvShapes[] = {{64, 56}, {128, 28}, {256, 14}, {512, 7}};
 const ConvShape kSmallConvShapes[] = {{64, 16}, {128, 8}, {256, 4}, {512, 2}};
 // ConvNeXt-tiny's depthwise 7x7 convs at 64x64 images (stages 1-4).
 const ConvShape kDepthwiseShapes[] = {{96, 16}, {192, 8}, {384, 4}, {768, 2}};
+// ConvNeXt-tiny's stem and downsampling convs at 64x64 images: kernel = stride, no padding.
+struct PatchShape {
+  int64_t in, out, kernel, pixels;
+};
+const PatchShape kPatchShapes[] = {{3, 96, 4, 64}, {96, 192, 2, 16}, {192, 384, 2, 8}, {384, 768, 2, 4}};
 const int64_t kBatch = 16;
 
 // Sets the layer up for `v`: frozen weights, an adapter, or fully trainable weights.
@@ -55,7 +60,7 @@ void prepare(flora::nn::AdaptableLayer& layer, Variant v, std::vector<int64_t> f
                   : v == Variant::FloraSeparable  ? flora::ConvPath::Separable
                   : v == Variant::FloraHybrid     ? flora::ConvPath::Hybrid
                                                   : flora::ConvPath::Auto;
-      auto a = layer.add_adapter("a", flora::AdapterOptions().ranks(flora_ranks).conv_path(path));
+      auto a = layer.add_adapter("a", flora::AdapterOptions().ranks(flora_ranks).clip_ranks(true).conv_path(path));
       torch::NoGradGuard g;
       a->core_parameter().normal_(0, 0.1);  // a trained-looking core (the zero init is a special case)
     }
@@ -99,10 +104,9 @@ auto training_step(Layer& layer, const torch::Tensor& x, const torch::Tensor& gy
 
 // channels_last: input, output gradient and both layers' weights in NHWC (torch.channels_last),
 // for the frozen layer as for the adapted one.
-void conv_step(benchmark::State& state, ConvShape s, Variant v, bool depthwise, bool channels_last) {
+void conv_step(benchmark::State& state, torch::nn::Conv2dOptions opt, int64_t pixels, Variant v, bool channels_last) {
   torch::manual_seed(0);
-  auto opt = depthwise ? torch::nn::Conv2dOptions(s.channels, s.channels, 7).padding(3).groups(s.channels)
-                       : torch::nn::Conv2dOptions(s.channels, s.channels, 3).padding(1).bias(false);
+  const bool depthwise = opt.groups() > 1;
   flora::nn::Conv2d conv(opt), frozen(opt);
   const auto format = channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
   for (auto* layer : {conv.get(), frozen.get()}) {
@@ -111,8 +115,8 @@ void conv_step(benchmark::State& state, ConvShape s, Variant v, bool depthwise, 
   }
   prepare(*conv, v, {16, depthwise ? 1 : 16, 2, 2});
   prepare(*frozen, Variant::Frozen, {});
-  auto x = torch::randn({kBatch, s.channels, s.pixels, s.pixels}).contiguous(format).requires_grad_(true);
-  auto gy = torch::randn({kBatch, s.channels, s.pixels, s.pixels}).contiguous(format);
+  auto x = torch::randn({kBatch, opt.in_channels(), pixels, pixels}).contiguous(format).requires_grad_(true);
+  auto gy = frozen(x).detach().normal_().contiguous(format);
   interleaved(state, training_step(conv, x, gy), training_step(frozen, x, gy));
   if (v == Variant::FloraAuto) state.SetLabel(flora::to_string(conv->last_path()));
 }
@@ -175,19 +179,27 @@ int main(int argc, char** argv) {
   flora::configure_allocator();  // as the flora command does (FLORA_MALLOC_TUNING=0 to compare without)
   const Variant all[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized,
                          Variant::FloraHybrid, Variant::Lora, Variant::Full};
+  auto add = [](const std::string& name, torch::nn::Conv2dOptions opt, int64_t pixels, Variant v, bool cl) {
+    benchmark::RegisterBenchmark(name.c_str(), conv_step, opt, pixels, v, cl)->Unit(benchmark::kMillisecond)->UseManualTime();
+  };
   for (const auto* shapes : {&kConvShapes, &kSmallConvShapes})
     for (const auto& s : *shapes)
       for (auto v : all)
-        for (bool cl : {false, true}) {
-          const std::string name = "conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16" +
-                                   (cl ? "_nhwc/" : "/") + variant_name(v);
-          benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, false, cl)->Unit(benchmark::kMillisecond)->UseManualTime();
-        }
+        for (bool cl : {false, true})
+          add("conv3x3_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16" + (cl ? "_nhwc/" : "/") +
+                  variant_name(v),
+              torch::nn::Conv2dOptions(s.channels, s.channels, 3).padding(1).bias(false), s.pixels, v, cl);
   for (const auto& s : kDepthwiseShapes)
-    for (auto v : {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraSeparable, Variant::Lora}) {
-      const std::string name = "dw7x7_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16/" + variant_name(v);
-      benchmark::RegisterBenchmark(name.c_str(), conv_step, s, v, true, false)->Unit(benchmark::kMillisecond)->UseManualTime();
-    }
+    for (auto v : {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraSeparable, Variant::Lora})
+      for (bool cl : {false, true})
+        add("dw7x7_c" + std::to_string(s.channels) + "_p" + std::to_string(s.pixels) + "_b16" + (cl ? "_nhwc/" : "/") +
+                variant_name(v),
+            torch::nn::Conv2dOptions(s.channels, s.channels, 7).padding(3).groups(s.channels), s.pixels, v, cl);
+  for (const auto& s : kPatchShapes)
+    for (auto v : all)
+      add("patch" + std::to_string(s.kernel) + "_c" + std::to_string(s.in) + "to" + std::to_string(s.out) + "_p" +
+              std::to_string(s.pixels) + "_b16_nhwc/" + variant_name(v),
+          torch::nn::Conv2dOptions(s.in, s.out, s.kernel).stride(s.kernel), s.pixels, v, true);
   for (int64_t f : {768, 2048})
     for (auto v : {Variant::FloraAuto, Variant::Lora, Variant::Full}) {
       const std::string name = "linear_" + std::to_string(f) + "_tokens1024/" + variant_name(v);

@@ -516,72 +516,106 @@ struct DepthwiseDeltaFunction : public torch::autograd::Function<DepthwiseDeltaF
 // node ran 40 to 60 LibTorch ops here, each costing more than its arithmetic: ResNet-18 builds
 // 20 such tensors a step, ConvNeXt-tiny 4.
 struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunction> {
+  // Where Kc's row c = (i_0, i_1) starts, and the stride of its kh kw entries, in the layout
+  // forward chose: [r_1, r_0, kh kw] where U_1 follows, else T = Kc itself in dW's order,
+  // [r_0, r_1, kh kw], or [r_0, kh kw, r_1] channels-last.
+  struct KcLayout {
+    int64_t r0, r1, KK;
+    bool by_in, kk_outer;
+    int64_t row(int64_t c) const {
+      const int64_t i0 = c / r1, i1 = c % r1;
+      return by_in ? (i1 * r0 + i0) * KK : kk_outer ? i0 * KK * r1 + i1 : c * KK;
+    }
+    int64_t step() const { return kk_outer ? r1 : 1; }
+  };
+
   // Inputs: core, U_0 and U_1 (empty for an identity mode), U_2, U_3; contiguous, one dtype.
+  // channels_last: dW comes out with channels-last strides, built there (the layout of the conv
+  // that takes it, when the model runs channels-last): no reorder of it before that conv, and
+  // its weight gradient arrives in the same layout, so backward copies nothing either.
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& core, const Tensor& u0, const Tensor& u1,
-                        const Tensor& u2, const Tensor& u3, double scale) {
+                        const Tensor& u2, const Tensor& u3, double scale, bool channels_last) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as TuckerDeltaFunction
     const int64_t r0 = core.size(0), r1 = core.size(1), R = core.size(2) * core.size(3), kh = u2.size(0),
                   kw = u3.size(0), KK = kh * kw;
     const int64_t P = u0.numel() ? u0.size(0) : r0, Q = u1.numel() ? u1.size(0) : r1;
     Tensor kt = at::empty({R * KK}, core.options());  // K^T [a b, kh kw], kept for backward
-    // Kc's rows in core order [r_0, r_1, kh kw], or [r_1, r_0, kh kw] where U_1 follows: then
-    // T^T = U_1 Kc is one GEMM [Q, r_0 kh kw], where [r_0, r_1, kh kw] would need r_0 of them.
+    // Kc's rows: where U_1 follows, [r_1, r_0, kh kw], so that T = U_1 Kc is one GEMM
+    // ([r_0, r_1, kh kw] would need r_0 of them); else T = Kc in dW's order.
     const bool by_in = u1.numel() > 0;
-    Tensor kc = at::empty({by_in ? r1 : r0, by_in ? r0 : r1, KK}, core.options());
+    const KcLayout lay{r0, r1, KK, by_in, !by_in && channels_last};
+    Tensor kc = at::empty({r0 * r1 * KK}, core.options());
     AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "kernel_delta", [&] {
       scalar_t* k = kt.data_ptr<scalar_t>();
       DepthwiseDeltaLoops<scalar_t>::kron_t(u2, u3, k);
       const scalar_t s = static_cast<scalar_t>(scale);
       const scalar_t* g = core.data_ptr<scalar_t>();
       scalar_t* out = kc.data_ptr<scalar_t>();
+      const int64_t sj = lay.step();
       for (int64_t c = 0; c < r0 * r1; ++c) {
-        scalar_t* o = out + (by_in ? (c % r1) * r0 + c / r1 : c) * KK;
-        for (int64_t j = 0; j < KK; ++j) o[j] = 0;
+        scalar_t* o = out + lay.row(c);
+        for (int64_t j = 0; j < KK; ++j) o[j * sj] = 0;
         for (int64_t q = 0; q < R; ++q) {
           const scalar_t gq = s * g[c * R + q];
           const scalar_t* kq = k + q * KK;
-          for (int64_t j = 0; j < KK; ++j) o[j] += gq * kq[j];
+          for (int64_t j = 0; j < KK; ++j) o[j * sj] += gq * kq[j];
         }
       }
     });
-    // T [r_0, Q, kh kw] (contiguous: U_0's GEMM and the caller take it as is).
-    const Tensor t = by_in ? u1.mm(kc.view({r1, r0 * KK})).view({Q, r0, KK}).transpose(0, 1).contiguous() : kc;
+    // T [r_0, Q, kh kw], or channels-last [r_0, kh kw, Q] = (Kc^T [r_0 kh kw, r_1]) U_1^T:
+    // contiguous either way (U_0's GEMM and the caller take it as is).
+    Tensor t = kc;
+    if (by_in)
+      t = channels_last ? kc.view({r1, r0 * KK}).t().mm(u1.t())
+                        : u1.mm(kc.view({r1, r0 * KK})).view({Q, r0, KK}).transpose(0, 1).contiguous();
     Tensor d = u0.numel() ? u0.mm(t.view({r0, Q * KK})) : t;
     // Backward needs Kc for U_1's gradient and T for U_0's; an empty stand-in otherwise.
     const Tensor none = at::empty({0}, core.options());
     ctx->save_for_backward({core, u0, u1, u2, u3, kt, u1.numel() ? kc : none, u0.numel() ? t : none});
     ctx->saved_data["scale"] = scale;
-    return d.view({P, Q, kh, kw});
+    ctx->saved_data["channels_last"] = channels_last;
+    return channels_last ? d.view({P, kh, kw, Q}).permute({0, 3, 1, 2}) : d.view({P, Q, kh, kw});
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
     refuse_double_backward();
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    torch::autograd::variable_list grads(6);
+    torch::autograd::variable_list grads(7);
     if (!grad_out[0].defined()) return grads;
     const auto saved = ctx->get_saved_variables();
     const Tensor &core = saved[0], &u0 = saved[1], &u1 = saved[2], &u2 = saved[3], &u3 = saved[4], &kt = saved[5],
                  &kc = saved[6], &t = saved[7];
     const double scale = ctx->saved_data["scale"].toDouble();
+    const bool channels_last = ctx->saved_data["channels_last"].toBool();
     const int64_t r0 = core.size(0), r1 = core.size(1), R = core.size(2) * core.size(3), KK = u2.size(0) * u3.size(0);
     const int64_t P = u0.numel() ? u0.size(0) : r0, Q = u1.numel() ? u1.size(0) : r1;
     const bool want_core = ctx->needs_input_grad(0), want_u2 = ctx->needs_input_grad(3),
                want_u3 = ctx->needs_input_grad(4);
-    Tensor g = grad_out[0].to(core.scalar_type()).contiguous().view({P, Q * KK});
+    // gD as [P, Q kh kw], or [P, kh kw Q] channels-last: forward's order, a view where the
+    // gradient came in that layout (it does from a conv that took dW).
+    Tensor g = grad_out[0].to(core.scalar_type());
+    g = channels_last ? g.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({P, KK * Q})
+                      : g.contiguous().view({P, Q * KK});
     if (u0.numel()) {  // dW = U_0 T
       if (ctx->needs_input_grad(1)) grads[1] = g.mm(t.view({r0, Q * KK}).t());
       g = u0.t().mm(g);
     }
-    g = g.view({r0, Q, KK});
-    if (u1.numel()) {  // T^T = U_1 Kc with Kc [r_1, r_0 kh kw]; gKc in that layout too
-      const Tensor gt = g.transpose(0, 1).contiguous().view({Q, r0 * KK});
-      if (ctx->needs_input_grad(2)) grads[2] = gt.mm(kc.view({r1, r0 * KK}).t());
-      if (want_core || want_u2 || want_u3) g = u1.t().mm(gt);
+    if (u1.numel()) {  // T = U_1 Kc with Kc [r_1, r_0 kh kw]; gKc in that layout too
+      const bool more = want_core || want_u2 || want_u3;
+      if (channels_last) {  // gT^T [Q, r_0 kh kw] as a transposed view: no copy
+        const Tensor gtt = g.view({r0 * KK, Q}).t();
+        if (ctx->needs_input_grad(2)) grads[2] = gtt.mm(kc.view({r1, r0 * KK}).t());
+        if (more) g = u1.t().mm(gtt);
+      } else {
+        const Tensor gt = g.view({r0, Q, KK}).transpose(0, 1).contiguous().view({Q, r0 * KK});
+        if (ctx->needs_input_grad(2)) grads[2] = gt.mm(kc.view({r1, r0 * KK}).t());
+        if (more) g = u1.t().mm(gt);
+      }
     }
     if (!want_core && !want_u2 && !want_u3) return grads;
-    const bool by_in = u1.numel() > 0;
-    const Tensor gd = g.contiguous();  // gKc, [r_0, r_1, kh kw] or [r_1, r_0, kh kw] as forward's Kc
+    const KcLayout lay{r0, r1, KK, u1.numel() > 0, u1.numel() == 0 && channels_last};
+    const Tensor gd = g.contiguous();  // gKc, in forward's Kc layout
     if (want_core) grads[0] = at::empty_like(core);
     Tensor gkt = want_u2 || want_u3 ? at::zeros({R * KK}, core.options()) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "kernel_delta_backward", [&] {
@@ -589,19 +623,20 @@ struct KernelDeltaFunction : public torch::autograd::Function<KernelDeltaFunctio
       const scalar_t *gc = core.data_ptr<scalar_t>(), *k = kt.data_ptr<scalar_t>(), *gdp = gd.data_ptr<scalar_t>();
       scalar_t* gg = want_core ? grads[0].data_ptr<scalar_t>() : nullptr;
       scalar_t* gk = gkt.defined() ? gkt.data_ptr<scalar_t>() : nullptr;
+      const int64_t sj = lay.step();
       for (int64_t c = 0; c < r0 * r1; ++c) {
-        const scalar_t* grow = gdp + (by_in ? (c % r1) * r0 + c / r1 : c) * KK;
+        const scalar_t* grow = gdp + lay.row(c);
         for (int64_t q = 0; q < R; ++q) {
           const scalar_t* kq = k + q * KK;
           if (gg) {
             scalar_t acc = 0;
-            for (int64_t j = 0; j < KK; ++j) acc += grow[j] * kq[j];
+            for (int64_t j = 0; j < KK; ++j) acc += grow[j * sj] * kq[j];
             gg[c * R + q] = s * acc;
           }
           if (gk) {
             const scalar_t m = s * gc[c * R + q];
             scalar_t* o = gk + q * KK;
-            for (int64_t j = 0; j < KK; ++j) o[j] += m * grow[j];
+            for (int64_t j = 0; j < KK; ++j) o[j] += m * grow[j * sj];
           }
         }
       }
@@ -644,24 +679,36 @@ bool kernel_delta_applies(const Tensor& core, const std::vector<Tensor>& factors
 }  // namespace
 
 Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale) {
+  return tucker_delta(core, factors, scale, at::MemoryFormat::Preserve);
+}
+
+Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale, at::MemoryFormat format) {
   check_factors(core, factors, "tucker_delta");
-  if (depthwise_delta_applies(core, factors)) {
+  if ((format == at::MemoryFormat::ChannelsLast && core.dim() != 4) ||
+      (format == at::MemoryFormat::ChannelsLast3d && core.dim() != 5))
+    throw InvalidArgument("tucker_delta: memory format " + std::string(c10::toString(format)) + " needs an order-" +
+                          (format == at::MemoryFormat::ChannelsLast ? "4 (2-d conv)" : "5 (3-d conv)") +
+                          " weight, got order " + std::to_string(core.dim()) + " (hint: Contiguous for other weights)");
+  if (depthwise_delta_applies(core, factors)) {  // [C, 1, kh, kw]: the same memory in both layouts
     const Tensor none = at::empty({0}, core.options());
-    return DepthwiseDeltaFunction::apply(core.contiguous(), factors[0].contiguous(),
-                                         factors[1].defined() ? factors[1].contiguous() : none,
-                                         factors[2].contiguous(), factors[3].contiguous(), scale);
+    const Tensor d = DepthwiseDeltaFunction::apply(core.contiguous(), factors[0].contiguous(),
+                                                   factors[1].defined() ? factors[1].contiguous() : none,
+                                                   factors[2].contiguous(), factors[3].contiguous(), scale);
+    return format == at::MemoryFormat::Preserve ? d : d.contiguous(format);
   }
   if (kernel_delta_applies(core, factors)) {
     const Tensor none = at::empty({0}, core.options());
     auto or_none = [&](const Tensor& u) { return u.defined() ? u.contiguous() : none; };
     return KernelDeltaFunction::apply(core.contiguous(), or_none(factors[0]), or_none(factors[1]),
-                                      factors[2].contiguous(), factors[3].contiguous(), scale);
+                                      factors[2].contiguous(), factors[3].contiguous(), scale,
+                                      format == at::MemoryFormat::ChannelsLast);
   }
   std::vector<Tensor> defined;
   std::vector<int64_t> modes;
   for (size_t n = 0; n < factors.size(); ++n)
     if (factors[n].defined()) defined.push_back(factors[n]), modes.push_back(static_cast<int64_t>(n));
-  return TuckerDeltaFunction::apply(core, at::TensorList(defined), modes, scale);
+  const Tensor d = TuckerDeltaFunction::apply(core, at::TensorList(defined), modes, scale);
+  return format == at::MemoryFormat::Preserve ? d : d.contiguous(format);
 }
 
 std::string to_string(PaddingMode m) {
@@ -982,6 +1029,14 @@ Tensor linear_branch(const RecomputableInput& x, const Tensor& core, const std::
 
 namespace {
 
+// The layout a d-dim conv's weight should have next to t (an input or a weight): channels-last
+// where t is (2-d convs only: the kernel node builds no other layout natively), else contiguous.
+at::MemoryFormat weight_format(const Tensor& t, int64_t d) {
+  return d == 2 && t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
 // Steps 1 and 2 of the factorized branch: [N, in, ...] -> [N, g*r_0 (or out), ...].
 Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
                          const ConvGeometry& geo);
@@ -1028,7 +1083,8 @@ Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<
   std::vector<Tensor> spatial(factors.size());
   for (size_t n = 2; n < factors.size(); ++n) spatial[n] = factors[n];
   if (fold_in) spatial[1] = u_in;
-  Tensor kernel = tucker_delta(core, spatial, scale);
+  // The kernel in x's layout: the conv takes it without a reorder.
+  Tensor kernel = tucker_delta(core, spatial, scale, weight_format(x, d));
 
   // 1) grouped 1x1: each group's in/g channels -> r_1 channels. z: [N, g*r_1, ...].
   Tensor z = x;
@@ -1312,9 +1368,26 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   std::vector<Tensor> spatial(factors.size());
   for (size_t n = 2; n < factors.size(); ++n) spatial[n] = factors[n];
+  // U_in folded into the core kernel where flora::hybrid_folds_input says (1x1 convs, kernels no
+  // larger than their stride): the node then sees an identity input mode, and U_in's gradient
+  // comes through the kernel's autograd node.
+  const Tensor& u_in = factors[1];
+  if (u_in.defined()) {
+    const std::vector<int64_t> kernel(weight.sizes().begin() + 2, weight.sizes().end());
+    const std::vector<int64_t> in_spatial(x.sizes().end() - d, x.sizes().end());
+    const auto out_spatial = geo.output_size(in_spatial, kernel);
+    auto count = [](const std::vector<int64_t>& v) {
+      return std::accumulate(v.begin(), v.end(), 1.0, [](double a, int64_t b) { return a * static_cast<double>(b); });
+    };
+    if (hybrid_folds_input(weight.size(1), core.size(1), core.size(0), static_cast<int64_t>(count(kernel)),
+                           count(in_spatial), count(out_spatial)))
+      spatial[1] = u_in;
+  }
+  const bool folded = spatial[1].defined();
   const auto dtype = weight.scalar_type();
   auto in_dtype = [dtype](const Tensor& t) { return t.defined() && t.scalar_type() != dtype ? t.to(dtype) : t; };
-  const Tensor k = in_dtype(tucker_delta(core, spatial, scale));  // [r_0, r_1, k...]: autograd to G and U_2..
+  // [r_0, r_1, k...] in W0's layout (merged_weight then reads it as a view): autograd to G and U_2..
+  const Tensor k = in_dtype(tucker_delta(core, spatial, scale, weight_format(weight, d)));
   std::vector<int64_t> pad;
   const Tensor in = pad_explicitly(x.scalar_type() == dtype ? x : x.to(dtype), geo, pad);
   ConvGeometry g = geo;
@@ -1323,7 +1396,7 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   const Tensor none = at::empty({0}, weight.options());
   return HybridConv::apply(in, weight, bias.defined() ? in_dtype(bias) : none, k,
                            factors[0].defined() ? in_dtype(factors[0]) : none,
-                           factors[1].defined() ? in_dtype(factors[1]) : none, g);
+                           factors[1].defined() && !folded ? in_dtype(factors[1]) : none, g);
 }
 
 Tensor embedding_branch(const Tensor& indices, const Tensor& core, const std::vector<Tensor>& factors,

@@ -101,15 +101,16 @@ bool TuckerAdapterImpl::delta_cached() const {
   return cache_.defined() && cache_scale_ == spec_.scale && cache_key_ == cache_key();
 }
 
-torch::Tensor TuckerAdapterImpl::delta_weight() const {
+torch::Tensor TuckerAdapterImpl::delta_weight(at::MemoryFormat format) const {
   if (torch::GradMode::is_enabled()) {
     cache_ = torch::Tensor();  // training: parameters are about to change
-    return F::tucker_delta(core(), factors_, spec_.scale);
+    return F::tucker_delta(core(), factors_, spec_.scale, format);
   }
-  if (!delta_cached()) {
-    cache_ = F::tucker_delta(core(), factors_, spec_.scale);
+  if (!delta_cached() || (format != at::MemoryFormat::Preserve && format != cache_format_)) {
+    cache_ = F::tucker_delta(core(), factors_, spec_.scale, format);
     cache_key_ = cache_key();
     cache_scale_ = spec_.scale;
+    cache_format_ = format;
   }
   return cache_;
 }
@@ -406,9 +407,13 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& x) {
     }
     return F::conv_nd(x, weight, bias, geo_) + branch;
   }
+  // dW in W0's layout (channels-last in a channels-last model): the sum needs no reorder.
+  const auto layout = D == 2 && weight.is_contiguous(at::MemoryFormat::ChannelsLast) && !weight.is_contiguous()
+                          ? at::MemoryFormat::ChannelsLast
+                          : at::MemoryFormat::Preserve;
   if (drop)  // dropout applies to the adapter's input only: a second conv is unavoidable
-    return F::conv_nd(x, weight, bias, geo_) + F::conv_nd(adapter_input(x, *a), a->delta_weight(), {}, geo_);
-  return F::conv_nd(x, weight + a->delta_weight(), bias, geo_);
+    return F::conv_nd(x, weight, bias, geo_) + F::conv_nd(adapter_input(x, *a), a->delta_weight(layout), {}, geo_);
+  return F::conv_nd(x, weight + a->delta_weight(layout), bias, geo_);
 }
 
 template <size_t D>

@@ -358,6 +358,12 @@ bool fold_input_factor(int64_t in_channels, int64_t groups, int64_t r_in, int64_
   return folded <= unfolded;
 }
 
+bool hybrid_folds_input(int64_t in_channels, int64_t r_in, int64_t r_out, int64_t kernel_elements, double in_pixels,
+                        double out_pixels) {
+  return kernel_elements > 1 && out_pixels * static_cast<double>(kernel_elements) <= in_pixels &&
+         fold_input_factor(in_channels, 1, r_in, r_out, kernel_elements, in_pixels, out_pixels);
+}
+
 ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   // Multiply-adds, plus memory traffic of the extra activations weighted by kMemCost
   // (on CPU a float moved costs about as much as several multiply-adds; see docs/DESIGN.md).
@@ -443,16 +449,22 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   // 2 % slower at 1 thread). Charging the traffic as well also moved 256 channels at 14x14 to
   // factorized, 2 % slower there (1.17x against 1.15x the frozen layer; docs/PERFORMANCE.md,
   // "Memory: the allocator and the optimizer's buckets").
+  // Where U_in is folded into the core kernel (hybrid_folds_input), the core conv runs on the `in`
+  // channels of x and its input-gradient pass, the projection and U_in's 1x1 gradient go.
   c.hybrid = std::numeric_limits<double>::infinity();
   if (in.training && in.groups == 1 && !in.dropout && !in.autocast) {
     const double cin = static_cast<double>(in.in_channels);
     const double weight = out * cin * K;
-    const double proj_in = s.identity[1] ? 0.0 : p_in * cin * r_in;
+    const bool fold = !s.identity[1] && hybrid_folds_input(in.in_channels, s.ranks[1], s.ranks[0], static_cast<int64_t>(K),
+                                                           product(in.in_spatial), product(in.out_spatial));
+    const bool project_in = !s.identity[1] && !fold;
+    const double proj_in = project_in ? p_in * cin * r_in : 0.0;
     const double proj_out = s.identity[0] ? 0.0 : p_out * out * r_out;
-    const double core_passes = 1.0 + (s.identity[0] ? 0.0 : 1.0) + (s.identity[1] ? 0.0 : 1.0);
+    const double core_passes = 1.0 + (s.identity[0] ? 0.0 : 1.0) + (project_in ? 1.0 : 0.0);
+    const double core_in = fold ? cin : r_in;
     const double build = (s.identity[1] ? 0.0 : r_out * K * cin * r_in) + (s.identity[0] ? 0.0 : weight * r_out);
-    const double moved = (s.identity[1] ? 0.0 : 2.0 * p_in * r_in) + (s.identity[0] ? 0.0 : 2.0 * p_out * r_out);
-    c.hybrid = 2.0 * proj_in + 2.0 * proj_out + core_passes * p_out * r_out * r_in * K + 2.0 * build +
+    const double moved = (project_in ? 2.0 * p_in * r_in : 0.0) + (s.identity[0] ? 0.0 : 2.0 * p_out * r_out);
+    c.hybrid = 2.0 * proj_in + 2.0 * proj_out + core_passes * p_out * r_out * core_in * K + 2.0 * build +
                kMemCost * (2.0 * weight + 2.0 * moved);
   }
 

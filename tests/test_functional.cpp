@@ -181,15 +181,23 @@ TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
       {"folded input", {16, 12, 2, 2}, {{}, {40, 12}, {2, 2}, {2, 2}}, {{16, 40, 2, 2}}},
       {"merged", {16, 3, 2, 2}, {{48, 16}, {3, 3}, {7, 2}, {5, 2}}, {{48, 3, 5, 7}}},
   };
+  // Each also built channels-last (the layout a channels-last model's conv takes), against an
+  // incoming gradient that is strided or channels-last (a conv's weight gradient is).
   const int kCore = -1;  // index of the core in a frozen set; 0..3 are the factors' modes
   const std::vector<std::vector<int>> frozen_sets{{}, {kCore}, {0}, {1}, {kCore, 2, 3}};
-  using Delta = Tensor (*)(const Tensor&, const std::vector<Tensor>&, double);
-  for (const auto& setup : setups) {
+  using Delta = std::function<Tensor(const Tensor&, const std::vector<Tensor>&, double)>;
+  for (const auto& setup : setups)
+  for (const auto format : {at::MemoryFormat::Preserve, at::MemoryFormat::ChannelsLast})
+  for (const bool nhwc_gradient : {false, true}) {
     auto core = torch::randn(setup.core, kF64);
     std::vector<Tensor> factors;
     for (const auto& f : setup.factors) factors.push_back(f.empty() ? Tensor() : torch::randn(f, kF64));
-    const auto weights = torch::randn(setup.weight[0], kF64).transpose(2, 3);  // dW's shape, strided
-    ASSERT_FALSE(weights.is_contiguous());
+    auto weights = torch::randn(setup.weight[0], kF64).transpose(2, 3);  // dW's shape, strided
+    if (nhwc_gradient) weights = weights.contiguous(at::MemoryFormat::ChannelsLast);
+    if (!nhwc_gradient) ASSERT_FALSE(weights.is_contiguous());  // [96, 1, 7, 7] is both layouts at once
+    const Delta built = [format](const Tensor& c, const std::vector<Tensor>& us, double s) {
+      return F::tucker_delta(c, us, s, format);
+    };
     for (const auto& frozen : frozen_sets) {
       auto is_frozen = [&](int i) { return std::find(frozen.begin(), frozen.end(), i) != frozen.end(); };
       bool skip = false, trains = !is_frozen(kCore);
@@ -198,7 +206,8 @@ TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
         if (!is_frozen(n) && factors[static_cast<size_t>(n)].defined()) trains = true;
       }
       if (skip || !trains) continue;
-      std::string row = std::string(setup.name) + ", frozen {";
+      std::string row = std::string(setup.name) + (format == at::MemoryFormat::ChannelsLast ? " channels-last" : "") +
+                        (nhwc_gradient ? ", NHWC gradient" : "") + ", frozen {";
       for (int i : frozen) row += (i == kCore ? "core" : "U_" + std::to_string(i)) + " ";
       row += "}";
       auto grads_of = [&](Delta delta, torch::Dtype dtype) {
@@ -216,9 +225,11 @@ TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
         g.insert(g.begin(), dw);
         return g;
       };
-      const auto got = grads_of(&F::tucker_delta, torch::kFloat32);
+      const auto got = grads_of(built, torch::kFloat32);
       const auto want = grads_of(&einsum_delta, torch::kFloat64);
       ASSERT_EQ(got.size(), want.size()) << row;
+      if (format == at::MemoryFormat::ChannelsLast)
+        EXPECT_TRUE(got[0].is_contiguous(at::MemoryFormat::ChannelsLast)) << row << ": dW's strides " << got[0].strides();
       for (size_t i = 0; i < got.size(); ++i) {
         EXPECT_EQ(got[i].scalar_type(), torch::kFloat32) << row << " output " << i;
         const double scale = want[i].abs().max().item<double>();
@@ -232,6 +243,12 @@ TEST(TuckerDelta, RejectsMismatchedFactors) {
   auto core = torch::randn({2, 3});
   EXPECT_THROW(F::tucker_delta(core, {torch::randn({4, 2})}, 1.0), flora::Error);
   EXPECT_THROW(F::tucker_delta(core, {torch::randn({4, 2}), torch::randn({5, 2})}, 1.0), flora::Error);
+  // A channels-last layout for a weight that has none: named, with the order it needs.
+  const auto e = flora_test::error_message<flora::InvalidArgument>([&] {
+    F::tucker_delta(core, {torch::randn({4, 2}), torch::randn({5, 3})}, 1.0, at::MemoryFormat::ChannelsLast);
+  });
+  EXPECT_NE(e.find("order-4"), std::string::npos) << e;
+  EXPECT_NE(e.find("got order 2"), std::string::npos) << e;
 }
 
 // --- Special cases of FLORA.md's table, through the library's options, against direct formulas.

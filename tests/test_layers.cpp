@@ -756,6 +756,24 @@ TEST(FloraConv, CostModelPicksHybridWherePixelsOutweighTheWeight) {
   EXPECT_EQ(plain->path_costs({16, 64, 56, 56}, true, true).choice, ConvPath::Hybrid);
 }
 
+TEST(FloraConv, HybridFoldsTheInputFactorOnlyWhereWindowsDoNotOverlap) {
+  struct Row { const char* name; int64_t in, r_in, kernel_elements; double in_pixels, out_pixels; bool fold; };
+  for (const auto& r : std::vector<Row>{
+           {"ConvNeXt 2x2/2 downsampling, 96 ch at 16x16", 96, 16, 4, 256, 64, true},
+           {"ConvNeXt 4x4/4 stem, 3 ch (ranks clipped to 3)", 3, 3, 16, 4096, 256, true},
+           {"ResNet-50 1x1, 256 ch at 14x14", 256, 16, 1, 196, 196, false},
+           {"ResNet 1x1/2 downsampling", 64, 16, 1, 256, 64, false},
+           {"ResNet 3x3/1, 64 ch", 64, 16, 9, 3136, 3136, false},
+           {"ResNet 7x7/2 stem, 3 ch (ranks clipped to 3)", 3, 3, 49, 4096, 1024, false},
+           {"2x2/2 at input rank 1 of 64: the projection is cheaper than a folded kernel", 64, 1, 4, 256, 64, false},
+       })
+    EXPECT_EQ(flora::hybrid_folds_input(r.in, r.r_in, 16, r.kernel_elements, r.in_pixels, r.out_pixels), r.fold) << r.name;
+  // The folded hybrid path is the cheaper one in the model for ConvNeXt's downsampling conv.
+  flora::nn::Conv2d down(torch::nn::Conv2dOptions(96, 192, 2).stride(2));
+  down->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
+  EXPECT_EQ(down->path_costs({16, 96, 16, 16}, true, true).choice, ConvPath::Hybrid);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Behaviour that is specific to one layer kind.
 

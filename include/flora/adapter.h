@@ -40,8 +40,9 @@ class TuckerAdapterImpl : public torch::nn::Module {
   const torch::Tensor& core_parameter() const { return core_; }
   /// dW = s * G x_0 U_0 ... in the weight's shape. Under no-grad (inference) the result is
   /// cached until a parameter changes (keyed on tensor version counters) or the scale changes:
-  /// eval forwards then cost one conv. Do not modify the returned tensor in place.
-  torch::Tensor delta_weight() const;
+  /// eval forwards then cost one conv. Do not modify the returned tensor in place. `format`:
+  /// the layout wanted (e.g. the base weight's, ChannelsLast), as functional::tucker_delta.
+  torch::Tensor delta_weight(at::MemoryFormat format = at::MemoryFormat::Preserve) const;
   /// True when a no-grad delta_weight() would be served from the cache.
   bool delta_cached() const;
   /// Training mode drops the cache (the parameters are about to change; a factorized training
@@ -70,6 +71,7 @@ class TuckerAdapterImpl : public torch::nn::Module {
   mutable torch::Tensor cache_;
   mutable std::vector<std::pair<const void*, int64_t>> cache_key_;
   mutable double cache_scale_ = 0.0;
+  mutable at::MemoryFormat cache_format_ = at::MemoryFormat::Preserve;
   std::vector<std::pair<const void*, int64_t>> cache_key() const;
 };
 TORCH_MODULE(TuckerAdapter);

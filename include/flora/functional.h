@@ -34,6 +34,11 @@ Tensor superdiagonal(const Tensor& values, int64_t order);
 /// dW = scale * core x_0 U_0 ... x_{N-1} U_{N-1}, contracted in the cheapest order
 /// (flora::plan_contraction). Undefined factors are identity modes.
 Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale);
+/// The same dW laid out as `format` (ChannelsLast for an order-4 weight, ChannelsLast3d for
+/// order 5, Contiguous, or Preserve: whatever is cheapest). A 2-d conv weight whose kernel modes
+/// have factors is built in that layout directly, as is its gradient in backward; others are
+/// converted. Training a channels-last model, this saves a reorder of dW before its conv.
+Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale, at::MemoryFormat format);
 
 enum class PaddingMode { Zeros, Reflect, Replicate, Circular };
 std::string to_string(PaddingMode m);

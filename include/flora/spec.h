@@ -225,6 +225,17 @@ ConvPathCosts conv_path_costs(const AdapterSpec& spec, const ConvCostInput& in);
 bool fold_input_factor(int64_t in_channels, int64_t groups, int64_t r_in, int64_t r_out, int64_t kernel_elements,
                        double in_pixels, double out_pixels);
 
+/// Whether the hybrid conv path folds U_in into its core kernel ([r_0, in, k...]), which makes
+/// its backward LoRA's: no projection x U_in, no core input gradient, no 1x1 weight gradient of
+/// U_in. It does where fold_input_factor does and the kernel, larger than 1x1, tiles the input
+/// without overlap (out pixels x kernel elements <= in pixels: kernels no larger than their
+/// stride, as ConvNeXt's 2x2/2 downsampling), so the folded kernel's passes read x no more often
+/// than the projection did. Not for overlapping windows (ResNet's 7x7/2 stem measured slower on
+/// a folded hybrid path than on the merged one) nor 1x1 convs (ResNet-18's 1x1/2 downsampling
+/// convs measured slower on it than on merged or factorized, where the cost model sent them).
+bool hybrid_folds_input(int64_t in_channels, int64_t r_in, int64_t r_out, int64_t kernel_elements, double in_pixels,
+                        double out_pixels);
+
 /// True when ConvPath::Separable applies to the target: a 2-d conv ([out, in/groups, kh, kw])
 /// with in/groups == 1 (depthwise, or a single input channel).
 bool separable_applies(const TargetInfo& target);
