@@ -1368,9 +1368,9 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   std::vector<Tensor> spatial(factors.size());
   for (size_t n = 2; n < factors.size(); ++n) spatial[n] = factors[n];
-  // U_in folded into the core kernel where flora::hybrid_folds_input says (1x1 convs, kernels no
-  // larger than their stride): the node then sees an identity input mode, and U_in's gradient
-  // comes through the kernel's autograd node.
+  // U_in folded into the core kernel where flora::hybrid_folds_input says (kernels larger than
+  // 1x1 and no larger than their stride): the node then sees an identity input mode, and U_in's
+  // gradient comes through the kernel's autograd node.
   const Tensor& u_in = factors[1];
   if (u_in.defined()) {
     const std::vector<int64_t> kernel(weight.sizes().begin() + 2, weight.sizes().end());

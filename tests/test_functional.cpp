@@ -180,6 +180,7 @@ TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
       {"kernel", {16, 12, 2, 2}, {{}, {}, {3, 2}, {3, 2}}, {{16, 12, 3, 3}}},
       {"folded input", {16, 12, 2, 2}, {{}, {40, 12}, {2, 2}, {2, 2}}, {{16, 40, 2, 2}}},
       {"merged", {16, 3, 2, 2}, {{48, 16}, {3, 3}, {7, 2}, {5, 2}}, {{48, 3, 5, 7}}},
+      {"identity input mode", {16, 5, 2, 2}, {{24, 16}, {}, {3, 2}, {3, 2}}, {{24, 5, 3, 3}}},
   };
   // Each also built channels-last (the layout a channels-last model's conv takes), against an
   // incoming gradient that is strided or channels-last (a conv's weight gradient is).

@@ -768,10 +768,16 @@ TEST(FloraConv, HybridFoldsTheInputFactorOnlyWhereWindowsDoNotOverlap) {
            {"2x2/2 at input rank 1 of 64: the projection is cheaper than a folded kernel", 64, 1, 4, 256, 64, false},
        })
     EXPECT_EQ(flora::hybrid_folds_input(r.in, r.r_in, 16, r.kernel_elements, r.in_pixels, r.out_pixels), r.fold) << r.name;
-  // The folded hybrid path is the cheaper one in the model for ConvNeXt's downsampling conv.
+  // The cost model charges the folded path what it runs (docs/DESIGN.md, "Choosing a conv path"):
+  // for ConvNeXt's 96 -> 192 2x2/2 at 16x16, batch 16, no projection of x, the core conv over
+  // all 96 input channels, two core passes (weight gradient, forward for U_out), no r_1 traffic.
   flora::nn::Conv2d down(torch::nn::Conv2dOptions(96, 192, 2).stride(2));
   down->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
-  EXPECT_EQ(down->path_costs({16, 96, 16, 16}, true, true).choice, ConvPath::Hybrid);
+  const double p_out = 16.0 * 8 * 8, weight = 192.0 * 96 * 4;
+  const double proj_out = p_out * 192 * 16, core = p_out * 16 * 96 * 4;
+  const double build = 16.0 * 4 * 96 * 16 + weight * 16, moved = 2.0 * p_out * 16;
+  const double want = 2 * proj_out + 2 * core + 2 * build + 8.0 * (2 * weight + 2 * moved);
+  EXPECT_NEAR(down->path_costs({16, 96, 16, 16}, true, true).hybrid / want, 1.0, 1e-12);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ class TuckerAdapterImpl : public torch::nn::Module {
   /// eval forwards then cost one conv. Do not modify the returned tensor in place. `format`:
   /// the layout wanted (e.g. the base weight's, ChannelsLast), as functional::tucker_delta.
   torch::Tensor delta_weight(at::MemoryFormat format = at::MemoryFormat::Preserve) const;
-  /// True when a no-grad delta_weight() would be served from the cache.
+  /// True when a no-grad delta_weight() would be served from the cache (in the layout it was
+  /// built in: asking for another one rebuilds it).
   bool delta_cached() const;
   /// Training mode drops the cache (the parameters are about to change; a factorized training
   /// forward never reads it, and it would otherwise hold a weight-sized tensor per layer).

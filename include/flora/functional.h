@@ -36,8 +36,9 @@ Tensor superdiagonal(const Tensor& values, int64_t order);
 Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale);
 /// The same dW laid out as `format` (ChannelsLast for an order-4 weight, ChannelsLast3d for
 /// order 5, Contiguous, or Preserve: whatever is cheapest). A 2-d conv weight whose kernel modes
-/// have factors is built in that layout directly, as is its gradient in backward; others are
-/// converted. Training a channels-last model, this saves a reorder of dW before its conv.
+/// have factors, on the CPU in float or double with a small kernel (the kernel node's case), is
+/// built in that layout directly and takes its gradient in it; others are converted. Training a
+/// channels-last model, this saves a reorder of dW before its conv.
 Tensor tucker_delta(const Tensor& core, const std::vector<Tensor>& factors, double scale, at::MemoryFormat format);
 
 enum class PaddingMode { Zeros, Reflect, Replicate, Circular };
