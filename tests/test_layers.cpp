@@ -415,8 +415,13 @@ void expect_matches_merged_under_bf16_autocast(flora::nn::Conv2d& conv, const Te
     for (auto& q : a->parameters()) grads.back().push_back(q.grad().clone());
   }
   EXPECT_LT(max_abs_diff(outs[0], outs[1]), 5e-2 * outs[0].abs().max().item<double>());
+  // Each gradient against its own size, floored at 1 % of the largest: a gradient that is zero
+  // on one path (LoRA-style init zeroes some) may come out at bf16's rounding on the other.
+  double largest = 0;
+  for (const auto& g : grads[0]) largest = std::max(largest, g.abs().max().item<double>());
   for (size_t k = 0; k < grads[0].size(); ++k)
-    EXPECT_LT(max_abs_diff(grads[0][k], grads[1][k]), 5e-2 * (grads[0][k].abs().max().item<double>() + 1e-6)) << "parameter " << k;
+    EXPECT_LT(max_abs_diff(grads[0][k], grads[1][k]), 5e-2 * std::max(grads[0][k].abs().max().item<double>(), 1e-2 * largest))
+        << "parameter " << k;
 }
 
 TEST(FloraConv, SeparablePathUnderBf16AutocastMatchesMergedPath) {
@@ -672,7 +677,9 @@ TEST(FloraConv, HybridPathRecordsItselfAndIsTheMergedPathWithoutGradients) {
   const auto y = conv->forward(x);
   EXPECT_EQ(conv->last_path(), ConvPath::Hybrid);
   torch::NoGradGuard no_grad;
-  EXPECT_LT(max_abs_diff(conv->forward(x), y), 1e-5);
+  // Two float computations of W0 + dW (addmm into W0's layout, and the cached dW added): equal
+  // to rounding, relative to the outputs' size.
+  EXPECT_LT(max_abs_diff(conv->forward(x), y) / (1 + y.abs().max().item<double>()), 1e-6);
   EXPECT_EQ(conv->last_path(), ConvPath::Merged);
   EXPECT_TRUE(a->delta_cached()) << "inference under hybrid reuses the cached dW, as merged does";
 }

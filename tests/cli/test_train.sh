@@ -81,7 +81,7 @@ base=("${common[@]}" --data cifar10:data/cifar --val-data cifar10:data/cifar --c
 long=("${base[@]}" --steps 60)
 "$flora" train "${long[@]}" --out run_a >/dev/null 2>&1 || no "uninterrupted run"
 "$flora" train "${long[@]}" --out run_b >/dev/null 2>&1 & pid=$!
-for _ in $(seq 1 500); do [[ -e run_b/checkpoints/last.safetensors ]] && break; sleep 0.01; done
+for _ in $(seq 1 1200); do [[ -e run_b/checkpoints/last.safetensors ]] && break; sleep 0.05; done  # up to 60 s on a loaded machine
 sleep 0.2; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
 check "resume needs flag" 2 "already has a checkpoint" -- train "${long[@]}" --out run_b
 check "resume" 0 "flora: done" -- train "${long[@]}" --out run_b --resume
@@ -91,7 +91,7 @@ same run_a/adapter/trained_modules.safetensors run_b/adapter/trained_modules.saf
 
 # 4. SIGINT saves a checkpoint and exits 130.
 "$flora" train "${base[@]}" --steps 100000 --out run_int >/dev/null 2>int.err & pid=$!
-for _ in $(seq 1 500); do [[ -e run_int/metrics.jsonl && -s run_int/metrics.jsonl ]] && break; sleep 0.01; done
+for _ in $(seq 1 1200); do [[ -e run_int/metrics.jsonl && -s run_int/metrics.jsonl ]] && break; sleep 0.05; done
 kill -INT $pid; wait $pid; rc=$?
 [[ $rc -eq 130 ]] && grep -q "checkpoint saved" int.err && [[ -s run_int/checkpoints/last.safetensors ]] && ok || { no "SIGINT: rc=$rc"; cat int.err | tail -3; }
 
