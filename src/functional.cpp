@@ -23,6 +23,11 @@ std::vector<int64_t> full_shape(const Tensor& core, const std::vector<Tensor>& f
   return shape;
 }
 
+// The number of elements of a shape (pixels of a spatial size), as the cost model's double.
+double element_count(const std::vector<int64_t>& v) {
+  return std::accumulate(v.begin(), v.end(), 1.0, [](double a, int64_t b) { return a * static_cast<double>(b); });
+}
+
 void check_factors(const Tensor& core, const std::vector<Tensor>& factors, const char* where) {
   if (static_cast<int64_t>(factors.size()) != core.dim()) {
     std::ostringstream os;
@@ -1075,11 +1080,8 @@ Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<
       std::accumulate(shape.begin() + 2, shape.end(), int64_t{1}, std::multiplies<int64_t>());
   const std::vector<int64_t> in_spatial(x.sizes().end() - d, x.sizes().end());
   const auto out_spatial = geo.output_size(in_spatial, std::vector<int64_t>(shape.begin() + 2, shape.end()));
-  auto pixels = [](const std::vector<int64_t>& v) {
-    return std::accumulate(v.begin(), v.end(), 1.0, [](double a, int64_t b) { return a * static_cast<double>(b); });
-  };
   const bool fold_in = u_in.defined() && fold_input_factor(x.size(x.dim() - d - 1), g, core.size(1), core.size(0), kernel_elements,
-                                                           pixels(in_spatial), pixels(out_spatial));
+                                                           element_count(in_spatial), element_count(out_spatial));
   std::vector<Tensor> spatial(factors.size());
   for (size_t n = 2; n < factors.size(); ++n) spatial[n] = factors[n];
   if (fold_in) spatial[1] = u_in;
@@ -1376,11 +1378,8 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
     const std::vector<int64_t> kernel(weight.sizes().begin() + 2, weight.sizes().end());
     const std::vector<int64_t> in_spatial(x.sizes().end() - d, x.sizes().end());
     const auto out_spatial = geo.output_size(in_spatial, kernel);
-    auto count = [](const std::vector<int64_t>& v) {
-      return std::accumulate(v.begin(), v.end(), 1.0, [](double a, int64_t b) { return a * static_cast<double>(b); });
-    };
-    if (hybrid_folds_input(weight.size(1), core.size(1), core.size(0), static_cast<int64_t>(count(kernel)),
-                           count(in_spatial), count(out_spatial)))
+    if (hybrid_folds_input(weight.size(1), core.size(1), core.size(0), static_cast<int64_t>(element_count(kernel)),
+                           element_count(in_spatial), element_count(out_spatial)))
       spatial[1] = u_in;
   }
   const bool folded = spatial[1].defined();
