@@ -23,11 +23,6 @@ std::vector<int64_t> full_shape(const Tensor& core, const std::vector<Tensor>& f
   return shape;
 }
 
-// The number of elements of a shape (pixels of a spatial size), as the cost model's double.
-double element_count(const std::vector<int64_t>& v) {
-  return std::accumulate(v.begin(), v.end(), 1.0, [](double a, int64_t b) { return a * static_cast<double>(b); });
-}
-
 void check_factors(const Tensor& core, const std::vector<Tensor>& factors, const char* where) {
   if (static_cast<int64_t>(factors.size()) != core.dim()) {
     std::ostringstream os;
@@ -1042,6 +1037,20 @@ at::MemoryFormat weight_format(const Tensor& t, int64_t d) {
              : at::MemoryFormat::Contiguous;
 }
 
+// A conv's sizes as the fold rules (flora::fold_input_factor, hybrid_folds_input) take them:
+// kernel elements, and input and output pixels for input x.
+struct ConvCounts {
+  int64_t kernel;
+  double in_pixels, out_pixels;
+};
+ConvCounts conv_counts(const Tensor& x, const std::vector<int64_t>& kernel, const ConvGeometry& geo) {
+  auto count = [](const std::vector<int64_t>& v) {
+    return std::accumulate(v.begin(), v.end(), 1.0, [](double a, int64_t b) { return a * static_cast<double>(b); });
+  };
+  const std::vector<int64_t> in_spatial(x.sizes().end() - geo.dims(), x.sizes().end());
+  return {static_cast<int64_t>(count(kernel)), count(in_spatial), count(geo.output_size(in_spatial, kernel))};
+}
+
 // Steps 1 and 2 of the factorized branch: [N, in, ...] -> [N, g*r_0 (or out), ...].
 Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, double scale,
                          const ConvGeometry& geo);
@@ -1076,12 +1085,9 @@ Tensor conv_branch_inner(const Tensor& x, const Tensor& core, const std::vector<
   // a kernel no larger than its stride), U_in is folded into it: s * G x_1 U_in [r_0, in/g, k...],
   // one conv fewer (3 fewer ops per training step) and no r_1-channel copy of the input.
   const auto shape = full_shape(core, factors);
-  const int64_t kernel_elements =
-      std::accumulate(shape.begin() + 2, shape.end(), int64_t{1}, std::multiplies<int64_t>());
-  const std::vector<int64_t> in_spatial(x.sizes().end() - d, x.sizes().end());
-  const auto out_spatial = geo.output_size(in_spatial, std::vector<int64_t>(shape.begin() + 2, shape.end()));
-  const bool fold_in = u_in.defined() && fold_input_factor(x.size(x.dim() - d - 1), g, core.size(1), core.size(0), kernel_elements,
-                                                           element_count(in_spatial), element_count(out_spatial));
+  const auto n = conv_counts(x, std::vector<int64_t>(shape.begin() + 2, shape.end()), geo);
+  const bool fold_in = u_in.defined() && fold_input_factor(x.size(x.dim() - d - 1), g, core.size(1), core.size(0), n.kernel,
+                                                           n.in_pixels, n.out_pixels);
   std::vector<Tensor> spatial(factors.size());
   for (size_t n = 2; n < factors.size(); ++n) spatial[n] = factors[n];
   if (fold_in) spatial[1] = u_in;
@@ -1375,11 +1381,8 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   // gradient comes through the kernel's autograd node.
   const Tensor& u_in = factors[1];
   if (u_in.defined()) {
-    const std::vector<int64_t> kernel(weight.sizes().begin() + 2, weight.sizes().end());
-    const std::vector<int64_t> in_spatial(x.sizes().end() - d, x.sizes().end());
-    const auto out_spatial = geo.output_size(in_spatial, kernel);
-    if (hybrid_folds_input(weight.size(1), core.size(1), core.size(0), static_cast<int64_t>(element_count(kernel)),
-                           element_count(in_spatial), element_count(out_spatial)))
+    const auto n = conv_counts(x, std::vector<int64_t>(weight.sizes().begin() + 2, weight.sizes().end()), geo);
+    if (hybrid_folds_input(weight.size(1), core.size(1), core.size(0), n.kernel, n.in_pixels, n.out_pixels))
       spatial[1] = u_in;
   }
   const bool folded = spatial[1].defined();

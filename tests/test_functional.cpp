@@ -185,7 +185,6 @@ TEST(TuckerDelta, LoopsInFloatMatchTheDoubleReference) {
   };
   // Each also built channels-last (the layout a channels-last model's conv takes), against an
   // incoming gradient that is strided or channels-last (a conv's weight gradient is).
-  torch::manual_seed(5);  // the same draws whatever ran before
   const int kCore = -1;  // index of the core in a frozen set; 0..3 are the factors' modes
   const std::vector<std::vector<int>> frozen_sets{{}, {kCore}, {0}, {1}, {kCore, 2, 3}};
   using Delta = std::function<Tensor(const Tensor&, const std::vector<Tensor>&, double)>;
