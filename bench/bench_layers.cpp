@@ -18,7 +18,7 @@
 
 namespace {
 
-enum class Variant { Frozen, Full, FloraAuto, FloraMerged, FloraFactorized, FloraHybrid, FloraSeparable, Lora };
+enum class Variant { Frozen, Full, FloraAuto, FloraMerged, FloraFactorized, FloraChain, FloraHybrid, FloraSeparable, Lora };
 const char* variant_name(Variant v) {
   switch (v) {
     case Variant::Frozen: return "frozen";
@@ -26,6 +26,7 @@ const char* variant_name(Variant v) {
     case Variant::FloraAuto: return "flora_auto";
     case Variant::FloraMerged: return "flora_merged";
     case Variant::FloraFactorized: return "flora_factorized";
+    case Variant::FloraChain: return "flora_chain";
     case Variant::FloraHybrid: return "flora_hybrid";
     case Variant::FloraSeparable: return "flora_separable";
     case Variant::Lora: return "lora_r16";
@@ -56,7 +57,7 @@ void prepare(flora::nn::AdaptableLayer& layer, Variant v, std::vector<int64_t> f
     case Variant::Lora: layer.add_adapter("a", flora::AdapterOptions().method(flora::Method::Lora).rank(16).alpha(16)); break;
     default: {
       auto path = v == Variant::FloraMerged       ? flora::ConvPath::Merged
-                  : v == Variant::FloraFactorized ? flora::ConvPath::Factorized
+                  : v == Variant::FloraFactorized || v == Variant::FloraChain ? flora::ConvPath::Factorized
                   : v == Variant::FloraSeparable  ? flora::ConvPath::Separable
                   : v == Variant::FloraHybrid     ? flora::ConvPath::Hybrid
                                                   : flora::ConvPath::Auto;
@@ -117,6 +118,19 @@ void conv_step(benchmark::State& state, torch::nn::Conv2dOptions opt, int64_t pi
   prepare(*frozen, Variant::Frozen, {});
   auto x = torch::randn({kBatch, opt.in_channels(), pixels, pixels}).contiguous(format).requires_grad_(true);
   auto gy = frozen(x).detach().normal_().contiguous(format);
+  if (v == Variant::FloraChain) {  // the factorized path as its op chain, never the fused node
+    namespace F = flora::functional;
+    auto a = conv->adapter();
+    auto chain = [&conv, a, x, gy]() mutable {
+      const auto& geo = conv->geometry();
+      auto y = F::conv_nd(x, conv->weight, conv->bias, geo) + F::conv_branch(x, a->core(), a->factors(), a->scale(), geo);
+      y.backward(gy);
+      x.mutable_grad() = torch::Tensor();
+      for (auto& p : conv->parameters()) p.mutable_grad() = torch::Tensor();
+    };
+    interleaved(state, chain, training_step(frozen, x, gy));
+    return;
+  }
   interleaved(state, training_step(conv, x, gy), training_step(frozen, x, gy));
   if (v == Variant::FloraAuto) state.SetLabel(flora::to_string(conv->last_path()));
 }
@@ -168,7 +182,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
 
  private:
   static constexpr Variant kShown[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized,
-                                       Variant::FloraHybrid, Variant::FloraSeparable, Variant::Lora, Variant::Full};
+                                       Variant::FloraChain, Variant::FloraHybrid, Variant::FloraSeparable, Variant::Lora, Variant::Full};
   std::map<std::string, double> ratios_;
 };
 
@@ -177,7 +191,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
 int main(int argc, char** argv) {
   flora::configure_threads();
   flora::configure_allocator();  // as the flora command does (FLORA_MALLOC_TUNING=0 to compare without)
-  const Variant all[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized,
+  const Variant all[] = {Variant::FloraAuto, Variant::FloraMerged, Variant::FloraFactorized, Variant::FloraChain,
                          Variant::FloraHybrid, Variant::Lora, Variant::Full};
   auto add = [](const std::string& name, torch::nn::Conv2dOptions opt, int64_t pixels, Variant v, bool cl) {
     benchmark::RegisterBenchmark(name.c_str(), conv_step, opt, pixels, v, cl)->Unit(benchmark::kMillisecond)->UseManualTime();

@@ -1401,6 +1401,237 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
                            factors[1].defined() && !folded ? in_dtype(factors[1]) : none, g);
 }
 
+namespace {
+
+// The windows of a 2-d conv over channels-last rows: x [N H W, c] (contiguous) ->
+// col [N Ho Wo, kh kw c], row (n, ho, wo) holding x's rows at (ho s_h - p_h + i d_h,
+// wo s_w - p_w + j d_w) for i < kh, j < kw in that order, zeros where a window reaches into the
+// padding (im2col, with each pixel's c channels contiguous). `add_back` is its adjoint: every
+// segment of col added into the x row it came from (col2im).
+struct Windows {
+  int64_t n, h, w, c, kh, kw, ho, wo;
+  ConvGeometry geo;
+  int64_t length() const { return kh * kw * c; }
+
+  Tensor gather(const Tensor& x) const {
+    Tensor col = at::empty({n * ho * wo, length()}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "Windows::gather", [&] {
+      const scalar_t* src = x.data_ptr<scalar_t>();
+      scalar_t* dst = col.data_ptr<scalar_t>();
+      const int64_t row = wo * length();
+      at::parallel_for(0, n * ho, std::max<int64_t>(1, 32768 / row), [&](int64_t b, int64_t e) {
+        for (int64_t nh = b; nh < e; ++nh) {
+          const int64_t img = nh / ho, oh = nh % ho;
+          scalar_t* out = dst + nh * row;
+          for (int64_t ow = 0; ow < wo; ++ow)
+            for (int64_t i = 0; i < kh; ++i) {
+              const int64_t ih = oh * geo.stride[0] - geo.padding[0] + i * geo.dilation[0];
+              for (int64_t j = 0; j < kw; ++j, out += c) {
+                const int64_t iw = ow * geo.stride[1] - geo.padding[1] + j * geo.dilation[1];
+                if (ih < 0 || ih >= h || iw < 0 || iw >= w) std::fill(out, out + c, scalar_t(0));
+                else std::copy_n(src + ((img * h + ih) * w + iw) * c, c, out);
+              }
+            }
+        }
+      });
+    });
+    return col;
+  }
+
+  Tensor add_back(const Tensor& col) const {
+    Tensor x = at::zeros({n * h * w, c}, col.options());
+    AT_DISPATCH_FLOATING_TYPES(col.scalar_type(), "Windows::add_back", [&] {
+      const scalar_t* src = col.data_ptr<scalar_t>();
+      scalar_t* dst = x.data_ptr<scalar_t>();
+      const int64_t image = ho * wo * length();
+      // One image per task: windows overlap within an image only.
+      at::parallel_for(0, n, std::max<int64_t>(1, 32768 / image), [&](int64_t b, int64_t e) {
+        for (int64_t img = b; img < e; ++img) {
+          const scalar_t* in = src + img * image;
+          for (int64_t oh = 0; oh < ho; ++oh)
+            for (int64_t ow = 0; ow < wo; ++ow)
+              for (int64_t i = 0; i < kh; ++i) {
+                const int64_t ih = oh * geo.stride[0] - geo.padding[0] + i * geo.dilation[0];
+                for (int64_t j = 0; j < kw; ++j, in += c) {
+                  const int64_t iw = ow * geo.stride[1] - geo.padding[1] + j * geo.dilation[1];
+                  if (ih < 0 || ih >= h || iw < 0 || iw >= w) continue;
+                  scalar_t* out = dst + ((img * h + ih) * w + iw) * c;
+                  for (int64_t k = 0; k < c; ++k) out[k] += in[k];
+                }
+              }
+        }
+      });
+    });
+    return x;
+  }
+};
+
+// t [N, C, H, W] as rows [N H W, C]: a view where t is channels-last, else a copy.
+Tensor pixel_rows(const Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+}
+
+// t += rows ([N H W, C] as pixel_rows reads t), in place: one addmm into t's memory where t is
+// channels-last, a strided add otherwise. rows = a b (b given as its transpose's view) or a.
+void add_rows(Tensor& t, const Tensor& a, const Tensor& b) {
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    Tensor rows = t.permute({0, 2, 3, 1}).view({-1, C});
+    if (b.defined()) rows.addmm_(a, b);
+    else rows.add_(a);
+    return;
+  }
+  t.permute({0, 2, 3, 1}).add_((b.defined() ? a.mm(b) : a).view({N, H, W, C}));
+}
+
+// conv_nd(x, W0, b, geo) + conv_branch(x, ...) for a 2-d conv with groups 1 as one autograd node,
+// the branch as GEMMs on the pixels' channel rows: xp = X U_in [N H W, r_1], z = windows(xp) Kt^T
+// [N Ho Wo, r_0] (Kt the core conv's kernel [r_0, (kh, kw, r_1)]), y += z U_out^T in place.
+// Backward, from gy's rows Gy:
+//   gx   = conv input gradient of gy through W0, then += gxp U_in^T in place
+//   gp   = Gy U_out,  gU_out = Gy^T z
+//   gKt  = gp^T windows(xp),  gxp = add_back(gp Kt)
+//   gU_in = X^T gxp
+// At ResNet-18's small maps (layer3 and layer4 at 64-px images: 256 to 1024 pixels a batch) the
+// op chain (three convs forward, three convolution backwards, two full-size adds and their
+// autograd records) costs 30 to 180 us per op where its arithmetic is a few microseconds; these
+// are about 12 GEMMs and loops of that size. Inputs: x (padded already), W0, bias, K [r_0, r_1,
+// kh, kw] (with U_in folded in: [r_0, in, kh, kw]), U_out [out, r_0], U_in [in, r_1]; an empty
+// tensor stands for no bias or an identity mode. Saved: x, W0, K, the factors, xp and z.
+struct FusedFactorizedConv : public torch::autograd::Function<FusedFactorizedConv> {
+  static Windows windows(const Tensor& x, const Tensor& k, const ConvGeometry& geo) {
+    Windows win{x.size(0), x.size(2), x.size(3), k.size(1), k.size(2), k.size(3), 0, 0, geo};
+    const auto out = geo.output_size({win.h, win.w}, {win.kh, win.kw});
+    win.ho = out[0];
+    win.wo = out[1];
+    return win;
+  }
+
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w0, const Tensor& b,
+                        const Tensor& k, const Tensor& u_out, const Tensor& u_in, const ConvGeometry& geo) {
+    Tensor y = conv_nd(x, w0, b.numel() ? b : Tensor(), geo);
+    const Windows win = windows(x, k, geo);
+    const Tensor rows = pixel_rows(x);
+    const Tensor xp = u_in.numel() ? rows.mm(u_in) : rows.contiguous();
+    const Tensor kt = k.permute({0, 2, 3, 1}).reshape({k.size(0), win.length()});
+    const Tensor z = win.gather(xp).mm(kt.t());
+    add_rows(y, z, u_out.numel() ? u_out.t() : Tensor());
+    ctx->save_for_backward({x, w0, k, u_out, u_in, xp, z});
+    ctx->saved_data["stride"] = geo.stride;
+    ctx->saved_data["padding"] = geo.padding;
+    ctx->saved_data["dilation"] = geo.dilation;
+    ctx->saved_data["bias"] = b.numel() > 0;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (torch::GradMode::is_enabled())  // create_graph: this backward records no history
+      throw InvalidArgument("factorized_conv: double backward (create_graph) is not supported (hint: use conv path merged)");
+    torch::autograd::variable_list out(7);  // one per forward input: x, w0, b, k, u_out, u_in, geo
+    const Tensor& gy = grads[0];
+    if (!gy.defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w0 = saved[1], &k = saved[2], &xp = saved[5], &z = saved[6];
+    const Tensor u_out = saved[3].numel() ? saved[3] : Tensor();
+    const Tensor u_in = saved[4].numel() ? saved[4] : Tensor();
+    const ConvGeometry geo{ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+                           ctx->saved_data["dilation"].toIntVector(), 1, PaddingMode::Zeros};
+    Tensor gx;
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      auto r = at::convolution_backward(gy, x, w0, c10::nullopt, geo.stride, geo.padding, geo.dilation, false, {0, 0}, 1,
+                                        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), false});
+      gx = std::get<0>(r);
+      out[1] = std::get<1>(r);
+    }
+    if (ctx->needs_input_grad(2) && ctx->saved_data["bias"].toBool()) out[2] = gy.sum({0, 2, 3});
+    const bool want_k = ctx->needs_input_grad(3), want_out = u_out.defined() && ctx->needs_input_grad(4);
+    const bool want_in = u_in.defined() && ctx->needs_input_grad(5), want_x = gx.defined();
+    if (want_k || want_out || want_in || want_x) {
+      const Tensor gyr = pixel_rows(gy);
+      const Tensor gp = u_out.defined() ? gyr.mm(u_out) : gyr.contiguous();
+      if (want_out) out[4] = gyr.t().mm(z);
+      const Windows win = windows(x, k, geo);
+      const Tensor kt = k.permute({0, 2, 3, 1}).reshape({k.size(0), win.length()});
+      if (want_k) out[3] = gp.t().mm(win.gather(xp)).view({k.size(0), win.kh, win.kw, win.c}).permute({0, 3, 1, 2});
+      if (want_in || want_x) {
+        const Tensor gxp = win.add_back(gp.mm(kt));
+        if (want_in) out[5] = pixel_rows(x).t().mm(gxp);
+        if (want_x) add_rows(gx, gxp, u_in.defined() ? u_in.t() : Tensor());
+      }
+    }
+    out[0] = gx;
+    return out;
+  }
+};
+
+}  // namespace
+
+namespace {
+
+// Whether the fused node folds U_in into the core conv's kernel, as the op chain does
+// (conv_branch_inner, flora::fold_input_factor) for a groups-1 conv.
+bool fused_folds_input(const Tensor& x, const Tensor& weight, const Tensor& core, const std::vector<Tensor>& factors,
+                       const ConvGeometry& geo) {
+  if (!factors[1].defined()) return false;
+  const auto n = conv_counts(x, std::vector<int64_t>(weight.sizes().begin() + 2, weight.sizes().end()), geo);
+  return fold_input_factor(weight.size(1), 1, core.size(1), core.size(0), n.kernel, n.in_pixels, n.out_pixels);
+}
+
+}  // namespace
+
+bool fused_factorized_applies(const Tensor& x, const Tensor& weight, const Tensor& core, const ConvGeometry& geo) {
+  const auto dtype = weight.scalar_type();
+  return geo.dims() == 2 && geo.groups == 1 && (x.dim() == 4 || x.dim() == 3) && weight.dim() == 4 && core.dim() == 4 &&
+         x.device().is_cpu() && weight.device().is_cpu() && (dtype == at::kFloat || dtype == at::kDouble) &&
+         x.scalar_type() == dtype && core.scalar_type() == dtype && !at::autocast::is_cpu_enabled();
+}
+
+Tensor factorized_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
+                       const std::vector<Tensor>& factors, double scale, const ConvGeometry& geo) {
+  bool fuse = false;
+  if (fused_factorized_applies(x, weight, core, geo) && factors.size() == 4) {
+    // The im2col matrix: one row per output pixel of the batch, kernel x (r_1, or in where U_in is folded) columns.
+    const auto n = conv_counts(x, std::vector<int64_t>(weight.sizes().begin() + 2, weight.sizes().end()), geo);
+    const double rows = (x.dim() == 4 ? static_cast<double>(x.size(0)) : 1.0) * n.out_pixels;
+    const auto columns = n.kernel * (fused_folds_input(x, weight, core, factors, geo) ? weight.size(1) : core.size(1));
+    fuse = fuse_factorized_conv(rows * static_cast<double>(columns));
+  }
+  if (fuse)
+    return fused_factorized_conv(x, weight, bias, core, factors, scale, geo);
+  return conv_nd(x, weight, bias, geo) + conv_branch(x, core, factors, scale, geo);
+}
+
+Tensor fused_factorized_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
+                             const std::vector<Tensor>& factors, double scale, const ConvGeometry& geo) {
+  check_factors(core, factors, "fused_factorized_conv");
+  if (x.dim() == 3 && core.dim() == 4)  // unbatched, as conv2d accepts: a batch of one
+    return fused_factorized_conv(x.unsqueeze(0), weight, bias, core, factors, scale, geo).squeeze(0);
+  if (!fused_factorized_applies(x, weight, core, geo))
+    throw InvalidArgument("fused_factorized_conv: needs a 2-d conv with groups 1 on a CPU input [N, C, H, W] of the "
+                          "weight's dtype (float or double), outside autocast; got input " + format_shape(x.sizes().vec()) +
+                          " (" + std::string(c10::toString(x.scalar_type())) + "), weight " + format_shape(weight.sizes().vec()) +
+                          " (" + std::string(c10::toString(weight.scalar_type())) + "), groups " + std::to_string(geo.groups) +
+                          " (hint: factorized_conv runs the op chain where this does not apply)");
+  if (full_shape(core, factors) != weight.sizes().vec())
+    throw InvalidArgument("fused_factorized_conv: the update's shape " + format_shape(full_shape(core, factors)) +
+                          " differs from the weight's " + format_shape(weight.sizes().vec()));
+  std::vector<int64_t> pad;
+  const Tensor in = pad_explicitly(x, geo, pad);
+  ConvGeometry g = geo;
+  g.padding = pad;
+  g.padding_mode = PaddingMode::Zeros;  // x is padded already
+  // U_in folded into the core conv's kernel as the op chain folds it (flora::fold_input_factor).
+  const Tensor& u_in = factors[1];
+  std::vector<Tensor> spatial(factors.size());
+  for (size_t n = 2; n < factors.size(); ++n) spatial[n] = factors[n];
+  if (fused_folds_input(x, weight, core, factors, geo)) spatial[1] = u_in;
+  const Tensor k = tucker_delta(core, spatial, scale, at::MemoryFormat::ChannelsLast);
+  const Tensor none = at::empty({0}, weight.options());
+  return FusedFactorizedConv::apply(in, weight, bias.defined() ? bias : none, k, factors[0].defined() ? factors[0] : none,
+                                    u_in.defined() && !spatial[1].defined() ? u_in : none, g);
+}
+
 Tensor embedding_branch(const Tensor& indices, const Tensor& core, const std::vector<Tensor>& factors,
                         double scale, c10::optional<int64_t> padding_idx) {
   check_factors(core, factors, "embedding_branch");

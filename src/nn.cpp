@@ -392,9 +392,12 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& x) {
     if (grads) return F::hybrid_conv(x, weight, bias, a->core(), a->factors(), a->scale(), geo_);
     last_path_ = ConvPath::Merged;  // without adapter gradients hybrid is the merged path (cached dW)
   }
-  if (costs.choice == ConvPath::Factorized)
-    return F::conv_nd(x, weight, bias, geo_) +
-           F::conv_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale(), geo_);
+  if (costs.choice == ConvPath::Factorized) {
+    if (drop)  // the branch takes the dropped-out input, the base conv x
+      return F::conv_nd(x, weight, bias, geo_) +
+             F::conv_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale(), geo_);
+    return F::factorized_conv(x, weight, bias, a->core(), a->factors(), a->scale(), geo_);
+  }
   if (costs.choice == ConvPath::Separable) {  // the base conv needs no weight gradient: W0 is frozen
     // Its hand-written backward runs after any autocast scope has closed: keep the branch in the
     // factors' dtype (float32), with autocast off, so forward and backward agree.

@@ -431,6 +431,179 @@ TEST(ConvBranch, EqualsConvolutionWithDenseDelta) {
   }
 }
 
+// functional::fused_factorized_conv (the factorized path as one node: GEMMs on the pixels' channel
+// rows) against the op chain it replaces, conv_nd(x, W0, b) + conv_branch(x, ...), and against
+// the dense update conv_nd(x, W0 + dW, b): output, and the gradients of x, the core, every
+// factor, and W0 and the bias where a row trains them. Rows marked fd also check every adapter
+// gradient by finite differences.
+struct FusedCase {
+  std::string name;
+  std::vector<int64_t> x_shape, w_shape, ranks;
+  std::vector<bool> identity;
+  F::ConvGeometry geo;
+  bool channels_last = false, bias = true, train_base = false, x_grad = true, fd = false;
+};
+
+std::vector<FusedCase> fused_cases() {
+  using PM = F::PaddingMode;
+  const F::ConvGeometry same{{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros};
+  return {
+      {"resnet_3x3", {2, 6, 7, 6}, {5, 6, 3, 3}, {3, 3, 2, 2}, {}, same, false, false, false, true, true},
+      {"resnet_3x3_channels_last", {2, 6, 7, 6}, {5, 6, 3, 3}, {3, 3, 2, 2}, {}, same, true},
+      {"stride2_downsampling_3x3", {2, 4, 9, 8}, {6, 4, 3, 3}, {2, 3, 2, 2}, {}, {{2, 2}, {1, 1}, {1, 1}, 1, PM::Zeros}, true},
+      {"stride_dilation_padding_beyond_kernel", {2, 4, 9, 8}, {6, 4, 3, 3}, {2, 3, 2, 1}, {},
+       {{2, 1}, {3, 2}, {2, 1}, 1, PM::Zeros}, false, true, false, true, true},
+      {"asymmetric_kernel_channels_last", {2, 5, 6, 9}, {4, 5, 3, 5}, {2, 3, 2, 3}, {}, {{1, 2}, {1, 2}, {1, 1}, 1, PM::Zeros}, true},
+      {"pointwise_stride2_folded", {2, 6, 7, 7}, {8, 6, 1, 1}, {3, 2, 1, 1}, {}, {{2, 2}, {0, 0}, {1, 1}, 1, PM::Zeros}, true,
+       false, false, true, true},
+      {"patchify_folded", {2, 6, 8, 8}, {8, 6, 2, 2}, {3, 3, 2, 2}, {}, {{2, 2}, {0, 0}, {1, 1}, 1, PM::Zeros}, true},
+      {"reflect_padding", {2, 4, 5, 6}, {4, 4, 3, 3}, {2, 2, 2, 2}, {}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Reflect}, false, true,
+       false, true, true},
+      {"circular_padding_channels_last", {2, 4, 5, 6}, {4, 4, 3, 3}, {2, 2, 2, 2}, {}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Circular}, true},
+      {"tucker2_identity_spatial_modes", {2, 5, 6, 6}, {4, 5, 3, 3}, {2, 3, 3, 3}, {false, false, true, true}, same},
+      {"identity_output_mode", {2, 5, 6, 6}, {4, 5, 3, 3}, {4, 2, 2, 2}, {true, false, false, false}, same, true},
+      {"identity_input_mode", {2, 5, 6, 6}, {4, 5, 3, 3}, {2, 5, 2, 2}, {false, true, false, false}, same, false, true, false,
+       true, true},
+      {"lora_layout", {2, 5, 6, 6}, {4, 5, 3, 3}, {2, 5, 3, 3}, {false, true, true, true}, same, true},
+      {"weight_and_bias_trainable", {2, 4, 5, 5}, {5, 4, 3, 3}, {2, 2, 2, 2}, {}, same, false, true, true},
+      {"weight_and_bias_trainable_channels_last", {2, 4, 5, 5}, {5, 4, 3, 3}, {2, 2, 2, 2}, {}, same, true, true, true},
+      {"input_needs_no_gradient", {2, 4, 5, 5}, {5, 4, 3, 3}, {2, 2, 2, 2}, {}, same, true, true, false, false},
+      {"unbatched_input", {6, 7, 6}, {5, 6, 3, 3}, {3, 3, 2, 2}, {}, same, false, true, false, true, true},
+  };
+}
+
+class FusedFactorizedBattery : public ::testing::TestWithParam<FusedCase> {};
+
+TEST_P(FusedFactorizedBattery, EqualsTheOpChainAndTheDenseUpdateInOutputAndEveryGradient) {
+  const auto& c = GetParam();
+  const auto fmt = c.channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+  std::vector<bool> identity = c.identity.empty() ? std::vector<bool>(4, false) : c.identity;
+  auto core = torch::randn(c.ranks, kF64).requires_grad_(true);
+  std::vector<Tensor> factors(4), adapter{core};
+  for (size_t n = 0; n < 4; ++n)
+    if (!identity[n]) adapter.push_back(factors[n] = torch::randn({c.w_shape[n], c.ranks[n]}, kF64).requires_grad_(true));
+  auto w = torch::randn(c.w_shape, kF64).contiguous(fmt).requires_grad_(c.train_base);
+  auto b = c.bias ? torch::randn({c.w_shape[0]}, kF64).requires_grad_(c.train_base) : Tensor();
+  auto x = torch::randn(c.x_shape, kF64);
+  if (x.dim() == 4) x = x.contiguous(fmt);
+  x.requires_grad_(c.x_grad);
+  ASSERT_TRUE(F::fused_factorized_applies(x, w, core, c.geo)) << c.name;
+  std::vector<Tensor> wrt = adapter;
+  if (c.x_grad) wrt.push_back(x);
+  if (c.train_base) wrt.push_back(w);
+  if (c.train_base && c.bias) wrt.push_back(b);
+
+  const Tensor fused = F::fused_factorized_conv(x, w, b, core, factors, 0.6, c.geo);
+  const Tensor chain = F::conv_nd(x, w, b, c.geo) + F::conv_branch(x, core, factors, 0.6, c.geo);
+  const Tensor dense = F::conv_nd(x, w + einsum_delta(core, factors, 0.6), b, c.geo);
+  ASSERT_EQ(fused.sizes(), chain.sizes()) << c.name;
+  EXPECT_LT(max_abs_diff(fused, chain), 1e-10) << c.name;
+  EXPECT_LT(max_abs_diff(fused, dense), 1e-10) << c.name;
+  if (x.dim() == 4) EXPECT_EQ(fused.is_contiguous(fmt), true) << c.name << ": the output keeps the input's layout";
+  const Tensor probe = torch::randn_like(chain);
+  const auto got = torch::autograd::grad({fused}, wrt, {probe});
+  const auto want = torch::autograd::grad({chain}, wrt, {probe});
+  const auto dense_grads = torch::autograd::grad({dense}, wrt, {probe});
+  for (size_t i = 0; i < wrt.size(); ++i) {
+    ASSERT_TRUE(got[i].defined()) << c.name << " gradient " << i;
+    EXPECT_EQ(got[i].sizes(), wrt[i].sizes()) << c.name << " gradient " << i;
+    EXPECT_LT(max_abs_diff(got[i], want[i]), 1e-10) << c.name << " gradient " << i;
+    EXPECT_LT(max_abs_diff(got[i], dense_grads[i]), 1e-10) << c.name << " gradient " << i;
+  }
+  if (c.fd) {
+    const Tensor xd = x.detach();
+    EXPECT_LT(flora_test::finite_difference_error(
+                  [&] { return (F::fused_factorized_conv(xd, w.detach(), b.defined() ? b.detach() : b, core, factors, 0.6, c.geo) *
+                                probe).sum(); },
+                  adapter),
+              1e-6)
+        << c.name;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Conv2d, FusedFactorizedBattery, ::testing::ValuesIn(fused_cases()),
+                         [](const ::testing::TestParamInfo<FusedCase>& info) { return info.param.name; });
+
+TEST(FusedFactorizedConv, FloatMatchesTheDoubleOpChainAtResNetLayer4Size) {
+  // ResNet-18's layer4 conv at 64-px images, as the cost rule fuses it: float against float64.
+  const F::ConvGeometry geo{{1, 1}, {1, 1}, {1, 1}, 1, F::PaddingMode::Zeros};
+  auto x = torch::randn({16, 64, 2, 2}).contiguous(torch::MemoryFormat::ChannelsLast).requires_grad_(true);
+  auto w = (torch::randn({64, 64, 3, 3}) * 0.05).contiguous(torch::MemoryFormat::ChannelsLast);
+  auto core = torch::randn({16, 16, 2, 2}).requires_grad_(true);
+  std::vector<Tensor> factors{torch::randn({64, 16}) * 0.2, torch::randn({64, 16}) * 0.2, torch::randn({3, 2}), torch::randn({3, 2})};
+  for (auto& f : factors) f.requires_grad_(true);
+  EXPECT_TRUE(flora::fuse_factorized_conv(16.0 * 2 * 2 * 9 * 16)) << "the rule fuses this layer";
+  const Tensor y = F::fused_factorized_conv(x, w, {}, core, factors, 0.5, geo);
+  auto d = [](const Tensor& t) { return t.detach().to(torch::kFloat64).requires_grad_(t.requires_grad()); };
+  std::vector<Tensor> fd{d(factors[0]), d(factors[1]), d(factors[2]), d(factors[3])};
+  const Tensor xd = d(x), cd = d(core);
+  const Tensor ref = F::conv_nd(xd, w.to(torch::kFloat64), {}, geo) + F::conv_branch(xd, cd, fd, 0.5, geo);
+  EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5);
+  const Tensor probe = torch::randn_like(ref);
+  const auto got = torch::autograd::grad({y}, {x, core, factors[0], factors[1]}, {probe.to(torch::kFloat32)});
+  const auto want = torch::autograd::grad({ref}, {xd, cd, fd[0], fd[1]}, {probe});
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-4) << i;
+}
+
+TEST(FusedFactorizedConv, RefusesWhatItCannotRunAndDoubleBackward) {
+  const auto message = flora_test::error_message<flora::InvalidArgument>;
+  const F::ConvGeometry grouped{{1, 1}, {1, 1}, {1, 1}, 2, F::PaddingMode::Zeros};
+  std::vector<Tensor> factors{torch::randn({4, 2}), torch::randn({2, 2}), torch::randn({3, 2}), torch::randn({3, 2})};
+  std::string m = message([&] {
+    F::fused_factorized_conv(torch::randn({1, 4, 5, 5}), torch::randn({4, 2, 3, 3}), {}, torch::randn({2, 2, 2, 2}), factors,
+                             1.0, grouped);
+  });
+  EXPECT_NE(m.find("groups 2"), std::string::npos) << m;
+  EXPECT_NE(m.find("hint:"), std::string::npos) << m;
+  EXPECT_FALSE(F::fused_factorized_applies(torch::randn({1, 4, 5, 5}, kF64), torch::randn({4, 4, 3, 3}),
+                                           torch::randn({2, 2, 2, 2}), {{1, 1}, {1, 1}, {1, 1}, 1, F::PaddingMode::Zeros}))
+      << "an input of another dtype than the weight's goes to the op chain";
+  {
+    at::autocast::set_cpu_enabled(true);
+    EXPECT_FALSE(F::fused_factorized_applies(torch::randn({1, 4, 5, 5}), torch::randn({4, 4, 3, 3}), torch::randn({2, 2, 2, 2}),
+                                             {{1, 1}, {1, 1}, {1, 1}, 1, F::PaddingMode::Zeros}));
+    at::autocast::set_cpu_enabled(false);
+  }
+  // Double backward: the node's saved tensors carry no history, so it is refused, not wrong.
+  const F::ConvGeometry same{{1, 1}, {1, 1}, {1, 1}, 1, F::PaddingMode::Zeros};
+  auto core = torch::randn({2, 2, 2, 2}).requires_grad_(true);
+  factors[1] = torch::randn({4, 2});
+  auto y = F::fused_factorized_conv(torch::randn({1, 4, 5, 5}), torch::randn({4, 4, 3, 3}), {}, core, factors, 1.0, same);
+  m = message([&] { torch::autograd::grad({y.pow(2).sum()}, {core}, {}, true, true); });
+  EXPECT_NE(m.find("double backward"), std::string::npos) << m;
+}
+
+TEST(FusedFactorizedConv, TheFactorizedPathFusesResNetSmallMapsAndNotTheLargerOnes) {
+  // ResNet-18's and ConvNeXt-tiny's convs at 64-px images, batch 16, forced onto the factorized
+  // path: fused (one node) where the im2col matrix has at most 2^17 elements, the op chain
+  // (its last op the add of base and branch) elsewhere.
+  struct Row {
+    const char* name;
+    torch::nn::Conv2dOptions conv;
+    int64_t pixels;
+    bool fused;
+  };
+  using O = torch::nn::Conv2dOptions;
+  const std::vector<Row> rows = {
+      {"layer4 3x3, 2x2 maps", O(512, 512, 3).padding(1).bias(false), 2, true},
+      {"layer3 3x3, 4x4 maps", O(256, 256, 3).padding(1).bias(false), 4, true},
+      {"layer3 1x1/2 downsampling, U_in folded", O(128, 256, 1).stride(2).bias(false), 8, true},
+      {"layer2 3x3, 8x8 maps", O(128, 128, 3).padding(1).bias(false), 8, false},
+      {"ConvNeXt 2x2/2 downsampling at 4x4, U_in folded", O(384, 768, 2).stride(2), 4, true},
+      {"ConvNeXt 2x2/2 downsampling at 8x8, U_in folded", O(192, 384, 2).stride(2), 8, false},
+  };
+  for (const auto& r : rows) {
+    flora::nn::Conv2d conv(r.conv);
+    conv->add_adapter("default", flora::AdapterOptions().ranks({16, 16, 2, 2}).clip_ranks(true).conv_path(flora::ConvPath::Factorized));
+    const auto x = torch::randn({16, r.conv.in_channels(), r.pixels, r.pixels}).contiguous(torch::MemoryFormat::ChannelsLast);
+    const auto y = conv->forward(x);
+    ASSERT_TRUE(y.grad_fn()) << r.name;
+    const std::string node = y.grad_fn()->name();
+    EXPECT_EQ(node.find("FusedFactorizedConv") != std::string::npos, r.fused) << r.name << ": " << node;
+  }
+}
+
 // conv_nd's depthwise path (weight gradient as a batch-folded forward conv) against torch's own
 // convolution autograd, in float64 and float32, for every geometry it accepts.
 struct DepthwiseCase {

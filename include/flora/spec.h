@@ -236,6 +236,13 @@ bool fold_input_factor(int64_t in_channels, int64_t groups, int64_t r_in, int64_
 bool hybrid_folds_input(int64_t in_channels, int64_t r_in, int64_t r_out, int64_t kernel_elements, double in_pixels,
                         double out_pixels);
 
+/// Whether the factorized path of a 2-d conv with groups 1 runs as one autograd node
+/// (functional::fused_factorized_conv) rather than as its op chain: where its im2col matrix,
+/// the batch's output pixels x kernel elements x the core conv's input channels (r_1, or `in`
+/// where U_in is folded), has at most 2^17 elements (512 KiB of float32). Measured in
+/// docs/PERFORMANCE.md, "Session 18".
+bool fuse_factorized_conv(double window_elements);
+
 /// True when ConvPath::Separable applies to the target: a 2-d conv ([out, in/groups, kh, kw])
 /// with in/groups == 1 (depthwise, or a single input channel).
 bool separable_applies(const TargetInfo& target);
