@@ -1419,6 +1419,7 @@ struct Windows {
       const scalar_t* src = x.data_ptr<scalar_t>();
       scalar_t* dst = col.data_ptr<scalar_t>();
       const int64_t row = wo * length();
+      if (row == 0) return;
       at::parallel_for(0, n * ho, std::max<int64_t>(1, 32768 / row), [&](int64_t b, int64_t e) {
         for (int64_t nh = b; nh < e; ++nh) {
           const int64_t img = nh / ho, oh = nh % ho;
@@ -1444,6 +1445,7 @@ struct Windows {
       const scalar_t* src = col.data_ptr<scalar_t>();
       scalar_t* dst = x.data_ptr<scalar_t>();
       const int64_t image = ho * wo * length();
+      if (image == 0) return;
       // One image per task: windows overlap within an image only.
       at::parallel_for(0, n, std::max<int64_t>(1, 32768 / image), [&](int64_t b, int64_t e) {
         for (int64_t img = b; img < e; ++img) {
@@ -1528,6 +1530,8 @@ struct FusedFactorizedConv : public torch::autograd::Function<FusedFactorizedCon
                                                  torch::autograd::variable_list grads) {
     if (torch::GradMode::is_enabled())  // create_graph: this backward records no history
       throw InvalidArgument("factorized_conv: double backward (create_graph) is not supported (hint: use conv path merged)");
+    // As forward: the tensors' own dtype, even if backward() is called inside an autocast scope.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     torch::autograd::variable_list out(7);  // one per forward input: x, w0, b, k, u_out, u_in, geo
     const Tensor& gy = grads[0];
     if (!gy.defined()) return out;

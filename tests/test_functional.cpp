@@ -442,6 +442,8 @@ struct FusedCase {
   std::vector<bool> identity;
   F::ConvGeometry geo;
   bool channels_last = false, bias = true, train_base = false, x_grad = true, fd = false;
+  bool mixed_layout = false;   ///< the weight in the other layout than x
+  bool strided_input = false;  ///< x a transposed view: neither NCHW- nor NHWC-contiguous
 };
 
 std::vector<FusedCase> fused_cases() {
@@ -469,6 +471,12 @@ std::vector<FusedCase> fused_cases() {
       {"weight_and_bias_trainable_channels_last", {2, 4, 5, 5}, {5, 4, 3, 3}, {2, 2, 2, 2}, {}, same, true, true, true},
       {"input_needs_no_gradient", {2, 4, 5, 5}, {5, 4, 3, 3}, {2, 2, 2, 2}, {}, same, true, true, false, false},
       {"unbatched_input", {6, 7, 6}, {5, 6, 3, 3}, {3, 3, 2, 2}, {}, same, false, true, false, true, true},
+      {"nchw_input_channels_last_weight", {2, 5, 6, 7}, {4, 5, 3, 3}, {2, 2, 2, 2}, {}, same, false, true, false, true,
+       false, true},
+      {"channels_last_input_nchw_weight", {2, 5, 6, 7}, {4, 5, 3, 3}, {2, 2, 2, 2}, {}, same, true, true, false, true,
+       false, true},
+      {"transposed_view_input", {2, 5, 6, 7}, {4, 5, 3, 3}, {2, 2, 2, 2}, {}, {{2, 1}, {1, 1}, {1, 1}, 1, PM::Zeros},
+       false, true, true, true, false, false, true},
   };
 }
 
@@ -482,10 +490,15 @@ TEST_P(FusedFactorizedBattery, EqualsTheOpChainAndTheDenseUpdateInOutputAndEvery
   std::vector<Tensor> factors(4), adapter{core};
   for (size_t n = 0; n < 4; ++n)
     if (!identity[n]) adapter.push_back(factors[n] = torch::randn({c.w_shape[n], c.ranks[n]}, kF64).requires_grad_(true));
-  auto w = torch::randn(c.w_shape, kF64).contiguous(fmt).requires_grad_(c.train_base);
+  const auto other = c.channels_last ? torch::MemoryFormat::Contiguous : torch::MemoryFormat::ChannelsLast;
+  auto w = torch::randn(c.w_shape, kF64).contiguous(c.mixed_layout ? other : fmt).requires_grad_(c.train_base);
   auto b = c.bias ? torch::randn({c.w_shape[0]}, kF64).requires_grad_(c.train_base) : Tensor();
   auto x = torch::randn(c.x_shape, kF64);
   if (x.dim() == 4) x = x.contiguous(fmt);
+  if (c.strided_input) {  // a leaf whose memory is [N, C, W, H]
+    x = torch::randn({c.x_shape[0], c.x_shape[1], c.x_shape[3], c.x_shape[2]}, kF64).transpose(2, 3);
+    ASSERT_FALSE(x.is_contiguous() || x.is_contiguous(torch::MemoryFormat::ChannelsLast));
+  }
   x.requires_grad_(c.x_grad);
   ASSERT_TRUE(F::fused_factorized_applies(x, w, core, c.geo)) << c.name;
   std::vector<Tensor> wrt = adapter;
@@ -499,7 +512,8 @@ TEST_P(FusedFactorizedBattery, EqualsTheOpChainAndTheDenseUpdateInOutputAndEvery
   ASSERT_EQ(fused.sizes(), chain.sizes()) << c.name;
   EXPECT_LT(max_abs_diff(fused, chain), 1e-10) << c.name;
   EXPECT_LT(max_abs_diff(fused, dense), 1e-10) << c.name;
-  if (x.dim() == 4) EXPECT_EQ(fused.is_contiguous(fmt), true) << c.name << ": the output keeps the input's layout";
+  if (x.dim() == 4 && !c.mixed_layout && !c.strided_input)
+    EXPECT_EQ(fused.is_contiguous(fmt), true) << c.name << ": the output keeps the input's layout";
   const Tensor probe = torch::randn_like(chain);
   const auto got = torch::autograd::grad({fused}, wrt, {probe});
   const auto want = torch::autograd::grad({chain}, wrt, {probe});
@@ -565,13 +579,40 @@ TEST(FusedFactorizedConv, RefusesWhatItCannotRunAndDoubleBackward) {
                                              {{1, 1}, {1, 1}, {1, 1}, 1, F::PaddingMode::Zeros}));
     at::autocast::set_cpu_enabled(false);
   }
-  // Double backward: the node's saved tensors carry no history, so it is refused, not wrong.
+  // Double backward: the node's saved tensors carry no history, so it is refused, not wrong;
+  // also with respect to x alone with a frozen adapter, where the op chain would allow it.
   const F::ConvGeometry same{{1, 1}, {1, 1}, {1, 1}, 1, F::PaddingMode::Zeros};
-  auto core = torch::randn({2, 2, 2, 2}).requires_grad_(true);
   factors[1] = torch::randn({4, 2});
-  auto y = F::fused_factorized_conv(torch::randn({1, 4, 5, 5}), torch::randn({4, 4, 3, 3}), {}, core, factors, 1.0, same);
-  m = message([&] { torch::autograd::grad({y.pow(2).sum()}, {core}, {}, true, true); });
-  EXPECT_NE(m.find("double backward"), std::string::npos) << m;
+  const auto x = torch::randn({1, 4, 5, 5}).requires_grad_(true);
+  const auto core = torch::randn({2, 2, 2, 2});
+  auto y = F::fused_factorized_conv(x, torch::randn({4, 4, 3, 3}), {}, core, factors, 1.0, same);
+  m = message([&] { torch::autograd::grad({y.pow(2).sum()}, {x}, {}, true, true); });
+  EXPECT_NE(m.find("factorized_conv: double backward"), std::string::npos) << m;
+  EXPECT_NE(m.find("hint:"), std::string::npos) << m;
+}
+
+TEST(FusedFactorizedConv, BackwardInsideAnAutocastScopeKeepsTheTensorsDtype) {
+  // backward() called while CPU autocast is on: the node's GEMMs must not run in bfloat16.
+  const F::ConvGeometry same{{1, 1}, {1, 1}, {1, 1}, 1, F::PaddingMode::Zeros};
+  const auto x = torch::randn({2, 4, 5, 5}).contiguous(torch::MemoryFormat::ChannelsLast).requires_grad_(true);
+  const auto w = torch::randn({6, 4, 3, 3});
+  const auto core = torch::randn({2, 2, 2, 2}).requires_grad_(true);
+  std::vector<Tensor> factors{torch::randn({6, 2}), torch::randn({4, 2}), torch::randn({3, 2}), torch::randn({3, 2})};
+  for (auto& f : factors) f.requires_grad_(true);
+  const Tensor probe = torch::randn({2, 6, 5, 5});
+  auto grads = [&](bool autocast) {
+    const Tensor y = F::fused_factorized_conv(x, w, {}, core, factors, 0.5, same);
+    at::autocast::set_cpu_enabled(autocast);
+    auto g = torch::autograd::grad({y}, {x, core, factors[0], factors[1]}, {probe});
+    at::autocast::set_cpu_enabled(false);
+    at::autocast::clear_cache();
+    return g;
+  };
+  const auto plain = grads(false), scoped = grads(true);
+  for (size_t i = 0; i < plain.size(); ++i) {
+    EXPECT_EQ(scoped[i].scalar_type(), torch::kFloat32) << i;
+    EXPECT_TRUE(torch::equal(scoped[i], plain[i])) << i;
+  }
 }
 
 TEST(FusedFactorizedConv, TheFactorizedPathFusesResNetSmallMapsAndNotTheLargerOnes) {

@@ -144,19 +144,23 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
 
 /// conv_nd(x, weight, bias, geo) + conv_branch(x, core, factors, scale, geo): the factorized
 /// conv path with the base conv. Runs as fused_factorized_conv where that applies and the maps
-/// are small (flora::fuse_factorized_conv), else as those two calls.
+/// are small (flora::fuse_factorized_conv), else as those two calls. The fused node has no
+/// double backward (see below).
 Tensor factorized_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
                        const std::vector<Tensor>& factors, double scale, const ConvGeometry& geo);
 
 /// factorized_conv as one autograd node for a 2-d conv with groups 1: the branch's 1x1s and core
 /// conv as GEMMs on the pixels' channel rows (an im2col of the r_1-channel projection for the
 /// core conv), added into the base conv's output in place; backward likewise, with the branch's
-/// input gradient added into the base's. Equal to the op chain in output and gradients; no
-/// double backward. Throws where fused_factorized_applies is false.
+/// input gradient added into the base's. Equal to the op chain in output and gradients. No
+/// double backward (create_graph), with respect to any input, x included, where the op chain
+/// allows it for x: a model that needs second derivatives sets conv path merged. Throws where
+/// fused_factorized_applies is false.
 Tensor fused_factorized_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
                              const std::vector<Tensor>& factors, double scale, const ConvGeometry& geo);
 /// fused_factorized_conv runs: a 2-d conv with groups 1 on a CPU input [N, C, H, W] or [C, H, W]
-/// whose dtype (float or double) is the weight's and the core's, outside autocast.
+/// whose dtype (float or double) is the weight's and the core's, outside autocast. The bias and
+/// factors are expected on the CPU in that dtype too (as the op chain expects them).
 bool fused_factorized_applies(const Tensor& x, const Tensor& weight, const Tensor& core, const ConvGeometry& geo);
 
 /// The Embedding branch: rows of U_num gathered for `indices`, times s * G U_dim^T.
