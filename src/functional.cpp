@@ -1271,6 +1271,21 @@ Tensor merged_weight(const Tensor& w0, const Tensor& k, const Tensor& u_out, con
   return wm.view(w0.sizes());
 }
 
+// The custom conv nodes' geometry (groups 1, zero padding: x arrives padded) and whether a bias
+// came, kept in saved_data between forward and backward.
+void save_geometry(torch::autograd::AutogradContext* ctx, const ConvGeometry& geo, bool bias) {
+  ctx->saved_data["stride"] = geo.stride;
+  ctx->saved_data["padding"] = geo.padding;
+  ctx->saved_data["dilation"] = geo.dilation;
+  ctx->saved_data["bias"] = bias;
+}
+ConvGeometry saved_geometry(torch::autograd::AutogradContext* ctx) {
+  return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+          ctx->saved_data["dilation"].toIntVector(), 1, PaddingMode::Zeros};
+}
+// A custom node's optional input: empty stands for none (custom functions take no undefined tensors).
+Tensor present(const Tensor& t) { return t.numel() ? t : Tensor(); }
+
 // The hybrid conv path as one autograd node. Inputs: x (padded already), W0, bias, the core
 // conv's kernel K = s G x_2 U_2 ... [r_0, r_1, k...], U_out [out, r_0], U_in [in, r_1]; an
 // empty tensor stands for no bias or an identity mode (custom functions take no undefined
@@ -1290,13 +1305,10 @@ Tensor merged_weight(const Tensor& w0, const Tensor& k, const Tensor& u_out, con
 struct HybridConv : public torch::autograd::Function<HybridConv> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w0, const Tensor& b,
                         const Tensor& k, const Tensor& u_out, const Tensor& u_in, const ConvGeometry& geo) {
-    const Tensor wm = merged_weight(w0, k, u_out.numel() ? u_out : Tensor(), u_in.numel() ? u_in : Tensor());
+    const Tensor wm = merged_weight(w0, k, present(u_out), present(u_in));
     ctx->save_for_backward({x, w0, k, u_out, u_in});
-    ctx->saved_data["stride"] = geo.stride;
-    ctx->saved_data["padding"] = geo.padding;
-    ctx->saved_data["dilation"] = geo.dilation;
-    ctx->saved_data["bias"] = b.numel() > 0;
-    return conv_nd(x, wm, b.numel() > 0 ? b : Tensor(), geo);
+    save_geometry(ctx, geo, b.numel() > 0);
+    return conv_nd(x, wm, present(b), geo);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -1310,10 +1322,8 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     if (!gy.defined()) return out;
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &k = saved[2];
-    const Tensor u_out = saved[3].numel() ? saved[3] : Tensor();
-    const Tensor u_in = saved[4].numel() ? saved[4] : Tensor();
-    const ConvGeometry geo{ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-                           ctx->saved_data["dilation"].toIntVector(), 1, PaddingMode::Zeros};
+    const Tensor u_out = present(saved[3]), u_in = present(saved[4]);
+    const ConvGeometry geo = saved_geometry(ctx);
     const int64_t d = geo.dims();
     const ConvGeometry one = pointwise_geometry(d, 1);
     auto conv_grads = [d](const Tensor& g, const Tensor& in, const Tensor& w, const ConvGeometry& c, bool want_in, bool want_w) {
@@ -1511,7 +1521,7 @@ struct FusedFactorizedConv : public torch::autograd::Function<FusedFactorizedCon
 
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w0, const Tensor& b,
                         const Tensor& k, const Tensor& u_out, const Tensor& u_in, const ConvGeometry& geo) {
-    Tensor y = conv_nd(x, w0, b.numel() ? b : Tensor(), geo);
+    Tensor y = conv_nd(x, w0, present(b), geo);
     const Windows win = windows(x, k, geo);
     const Tensor rows = pixel_rows(x);
     const Tensor xp = u_in.numel() ? rows.mm(u_in) : rows.contiguous();
@@ -1519,10 +1529,7 @@ struct FusedFactorizedConv : public torch::autograd::Function<FusedFactorizedCon
     const Tensor z = win.gather(xp).mm(kt.t());
     add_rows(y, z, u_out.numel() ? u_out.t() : Tensor());
     ctx->save_for_backward({x, w0, k, u_out, u_in, xp, z});
-    ctx->saved_data["stride"] = geo.stride;
-    ctx->saved_data["padding"] = geo.padding;
-    ctx->saved_data["dilation"] = geo.dilation;
-    ctx->saved_data["bias"] = b.numel() > 0;
+    save_geometry(ctx, geo, b.numel() > 0);
     return y;
   }
 
@@ -1537,10 +1544,8 @@ struct FusedFactorizedConv : public torch::autograd::Function<FusedFactorizedCon
     if (!gy.defined()) return out;
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w0 = saved[1], &k = saved[2], &xp = saved[5], &z = saved[6];
-    const Tensor u_out = saved[3].numel() ? saved[3] : Tensor();
-    const Tensor u_in = saved[4].numel() ? saved[4] : Tensor();
-    const ConvGeometry geo{ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-                           ctx->saved_data["dilation"].toIntVector(), 1, PaddingMode::Zeros};
+    const Tensor u_out = present(saved[3]), u_in = present(saved[4]);
+    const ConvGeometry geo = saved_geometry(ctx);
     Tensor gx;
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
       auto r = at::convolution_backward(gy, x, w0, c10::nullopt, geo.stride, geo.padding, geo.dilation, false, {0, 0}, 1,
