@@ -10,6 +10,7 @@
 #include <numeric>
 #include <sstream>
 
+#include "flora/detail/narrow_gemm.h"
 #include "flora/spec.h"
 
 namespace flora {
@@ -291,11 +292,7 @@ struct TuckerDeltaFunction : public torch::autograd::Function<TuckerDeltaFunctio
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FLORA_X86_DISPATCH 1
 #define FLORA_ALWAYS_INLINE __attribute__((always_inline)) inline
-bool has_avx2_fma() {
-  static const bool yes =
-      !std::getenv("FLORA_NO_AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
+bool has_avx2_fma() { return detail::avx2_fma_enabled(); }
 #else
 #define FLORA_X86_DISPATCH 0
 #define FLORA_ALWAYS_INLINE inline
@@ -1478,6 +1475,72 @@ struct Windows {
   }
 };
 
+// The node's products where one side is narrow (a rank: 8 to 32 wide): flora/detail/narrow_gemm.h's
+// kernels for float32 on an AVX2 + FMA CPU, about 2.5x OpenBLAS's speed on these shapes
+// (docs/PERFORMANCE.md, session 19); LibTorch's GEMM otherwise. Rows are split over LibTorch's
+// threads in tasks of at least 16 K multiply-adds.
+int64_t narrow_grain(int64_t macs_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, macs_per_row)); }
+
+bool narrow_rows(const Tensor& a) {
+  return a.scalar_type() == at::kFloat && a.dim() == 2 && (a.stride(1) == 1 || a.size(1) <= 1) &&
+         detail::avx2_fma_enabled();
+}
+
+// a b for a [P, K] and b [K, n], n narrow.
+Tensor narrow_mm(const Tensor& a, const Tensor& b) {
+  const int64_t P = a.size(0), K = a.size(1), n = b.size(1);
+  if (!narrow_rows(a) || !detail::narrow_width(n) || b.scalar_type() != at::kFloat) return a.mm(b);
+  const Tensor bc = b.contiguous();
+  Tensor c = at::empty({P, n}, a.options());
+  const float* pa = a.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* pc = c.data_ptr<float>();
+  const int64_t lda = a.stride(0);
+  at::parallel_for(0, P, narrow_grain(K * n), [&](int64_t s, int64_t e) {
+    detail::narrow_mm(pa + s * lda, lda, pb, pc + s * n, e - s, K, n);
+  });
+  return c;
+}
+
+// a^T b for a [P, K] and b [P, n], n narrow.
+Tensor narrow_tmm(const Tensor& a, const Tensor& b) {
+  const int64_t P = a.size(0), K = a.size(1), n = b.size(1);
+  if (!narrow_rows(a) || !detail::narrow_width(n) || b.scalar_type() != at::kFloat) return a.t().mm(b);
+  const Tensor bc = b.contiguous();
+  Tensor c = at::empty({K, n}, a.options());
+  const float* pa = a.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* pc = c.data_ptr<float>();
+  const int64_t lda = a.stride(0);
+  at::parallel_for(0, K, narrow_grain(P * n), [&](int64_t s, int64_t e) {
+    detail::narrow_tmm(pa, lda, pb, pc, P, s, e, n);
+  });
+  return c;
+}
+
+// c (+)= a b for c [P, m] (unit column stride), a [P, k] with k narrow (at most 32), b [k, m]:
+// in place into c's memory; c's values are overwritten unless accumulate. False where the
+// kernels do not apply (the caller uses LibTorch then).
+bool narrow_wide_mm(Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
+  const int64_t P = c.size(0), m = c.size(1), k = a.size(1);
+  if (!narrow_rows(c) || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || k > 32) return false;
+  const Tensor ac = a.contiguous(), bc = b.contiguous();
+  const float* pa = ac.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* pc = c.data_ptr<float>();
+  const int64_t ldc = c.stride(0);
+  at::parallel_for(0, P, narrow_grain(k * m), [&](int64_t s, int64_t e) {
+    detail::narrow_wide_mm(pa + s * k, pb, pc + s * ldc, ldc, e - s, k, m, accumulate);
+  });
+  return true;
+}
+
+// a b for a [P, k] (k narrow) and b [k, m], a new tensor.
+Tensor narrow_wide_mm(const Tensor& a, const Tensor& b) {
+  Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+  return narrow_wide_mm(c, a, b, false) ? c : a.mm(b);
+}
+
 // t [N, C, H, W] as rows [N H W, C]: a view where t is channels-last, else a copy.
 Tensor pixel_rows(const Tensor& t) {
   return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
@@ -1489,11 +1552,11 @@ void add_rows(Tensor& t, const Tensor& a, const Tensor& b) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     Tensor rows = t.permute({0, 2, 3, 1}).view({-1, C});
-    if (b.defined()) rows.addmm_(a, b);
-    else rows.add_(a);
+    if (!b.defined()) rows.add_(a);
+    else if (!narrow_wide_mm(rows, a, b, true)) rows.addmm_(a, b);
     return;
   }
-  t.permute({0, 2, 3, 1}).add_((b.defined() ? a.mm(b) : a).view({N, H, W, C}));
+  t.permute({0, 2, 3, 1}).add_((b.defined() ? narrow_wide_mm(a, b) : a).view({N, H, W, C}));
 }
 
 // conv_nd(x, W0, b, geo) + conv_branch(x, ...) for a 2-d conv with groups 1 as one autograd node,
@@ -1524,9 +1587,9 @@ struct FusedFactorizedConv : public torch::autograd::Function<FusedFactorizedCon
     Tensor y = conv_nd(x, w0, present(b), geo);
     const Windows win = windows(x, k, geo);
     const Tensor rows = pixel_rows(x);
-    const Tensor xp = u_in.numel() ? rows.mm(u_in) : rows.contiguous();
+    const Tensor xp = u_in.numel() ? narrow_mm(rows, u_in) : rows.contiguous();
     const Tensor kt = k.permute({0, 2, 3, 1}).reshape({k.size(0), win.length()});
-    const Tensor z = win.gather(xp).mm(kt.t());
+    const Tensor z = narrow_mm(win.gather(xp), kt.t());
     add_rows(y, z, u_out.numel() ? u_out.t() : Tensor());
     ctx->save_for_backward({x, w0, k, u_out, u_in, xp, z});
     save_geometry(ctx, geo, b.numel() > 0);
@@ -1558,14 +1621,15 @@ struct FusedFactorizedConv : public torch::autograd::Function<FusedFactorizedCon
     const bool want_in = u_in.defined() && ctx->needs_input_grad(5), want_x = gx.defined();
     if (want_k || want_out || want_in || want_x) {
       const Tensor gyr = pixel_rows(gy);
-      const Tensor gp = u_out.defined() ? gyr.mm(u_out) : gyr.contiguous();
-      if (want_out) out[4] = gyr.t().mm(z);
+      const Tensor gp = u_out.defined() ? narrow_mm(gyr, u_out) : gyr.contiguous();
+      if (want_out) out[4] = narrow_tmm(gyr, z);
       const Windows win = windows(x, k, geo);
       const Tensor kt = k.permute({0, 2, 3, 1}).reshape({k.size(0), win.length()});
-      if (want_k) out[3] = gp.t().mm(win.gather(xp)).view({k.size(0), win.kh, win.kw, win.c}).permute({0, 3, 1, 2});
+      if (want_k)
+        out[3] = narrow_tmm(win.gather(xp), gp).t().reshape({k.size(0), win.kh, win.kw, win.c}).permute({0, 3, 1, 2});
       if (want_in || want_x) {
-        const Tensor gxp = win.add_back(gp.mm(kt));
-        if (want_in) out[5] = pixel_rows(x).t().mm(gxp);
+        const Tensor gxp = win.add_back(narrow_wide_mm(gp, kt));
+        if (want_in) out[5] = narrow_tmm(pixel_rows(x), gxp);
         if (want_x) add_rows(gx, gxp, u_in.defined() ? u_in.t() : Tensor());
       }
     }
@@ -1589,6 +1653,18 @@ bool fused_folds_input(const Tensor& x, const Tensor& weight, const Tensor& core
 
 }  // namespace
 
+namespace {
+
+// Whether the fused node's products run on the narrow kernels (narrow_mm and its siblings above):
+// float32 on an AVX2 + FMA CPU, with the core's output rank (the width of z and of gy U_out) and,
+// unless U_in is folded or absent, its input rank (the width of x U_in) 8 to 32 wide.
+bool narrow_products(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, bool folded) {
+  return x.scalar_type() == at::kFloat && detail::avx2_fma_enabled() && detail::narrow_width(core.size(0)) &&
+         (folded || !factors[1].defined() || detail::narrow_width(core.size(1)));
+}
+
+}  // namespace
+
 bool fused_factorized_applies(const Tensor& x, const Tensor& weight, const Tensor& core, const ConvGeometry& geo) {
   const auto dtype = weight.scalar_type();
   return geo.dims() == 2 && geo.groups == 1 && (x.dim() == 4 || x.dim() == 3) && weight.dim() == 4 && core.dim() == 4 &&
@@ -1603,8 +1679,9 @@ Tensor factorized_conv(const Tensor& x, const Tensor& weight, const Tensor& bias
     // The im2col matrix: one row per output pixel of the batch, kernel x (r_1, or in where U_in is folded) columns.
     const auto n = conv_counts(x, std::vector<int64_t>(weight.sizes().begin() + 2, weight.sizes().end()), geo);
     const double rows = (x.dim() == 4 ? static_cast<double>(x.size(0)) : 1.0) * n.out_pixels;
-    const auto columns = n.kernel * (fused_folds_input(x, weight, core, factors, geo) ? weight.size(1) : core.size(1));
-    fuse = fuse_factorized_conv(rows * static_cast<double>(columns));
+    const bool folded = fused_folds_input(x, weight, core, factors, geo);
+    const auto columns = n.kernel * (folded ? weight.size(1) : core.size(1));
+    fuse = fuse_factorized_conv(rows * static_cast<double>(columns), narrow_products(x, core, factors, folded));
   }
   if (fuse)
     return fused_factorized_conv(x, weight, bias, core, factors, scale, geo);

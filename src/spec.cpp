@@ -364,7 +364,9 @@ bool hybrid_folds_input(int64_t in_channels, int64_t r_in, int64_t r_out, int64_
          fold_input_factor(in_channels, 1, r_in, r_out, kernel_elements, in_pixels, out_pixels);
 }
 
-bool fuse_factorized_conv(double window_elements) { return window_elements <= 131072.0; }
+bool fuse_factorized_conv(double window_elements, bool narrow_kernels) {
+  return window_elements <= (narrow_kernels ? 262144.0 : 131072.0);
+}
 
 ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   // Multiply-adds, plus memory traffic of the extra activations weighted by kMemCost

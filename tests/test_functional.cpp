@@ -11,6 +11,7 @@
 #include <functional>
 #include <string>
 
+#include "flora/detail/narrow_gemm.h"
 #include "flora/flora.h"
 #include "helpers.h"
 
@@ -560,6 +561,129 @@ TEST(FusedFactorizedConv, FloatMatchesTheDoubleOpChainAtResNetLayer4Size) {
     EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-4) << i;
 }
 
+TEST(FusedFactorizedConv, NarrowRanksInFloatMatchTheDoubleOpChain) {
+  // Ranks 8 to 32 wide in float32: the node's products run on the narrow kernels (on an AVX2
+  // machine; LibTorch's GEMM under FLORA_NO_AVX2) and must equal the float64 op chain.
+  struct Row {
+    std::string name;
+    std::vector<int64_t> x_shape, w_shape, ranks;
+    std::vector<bool> identity;
+    F::ConvGeometry geo;
+    bool channels_last;
+  };
+  using PM = F::PaddingMode;
+  const std::vector<Row> rows{
+      {"ranks_16_8_channels_last", {4, 24, 6, 6}, {32, 24, 3, 3}, {16, 8, 2, 2}, {}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros}, true},
+      {"ranks_24_32_stride2_nchw", {3, 40, 7, 5}, {36, 40, 3, 3}, {24, 32, 3, 2}, {}, {{2, 2}, {1, 1}, {1, 1}, 1, PM::Zeros}, false},
+      {"identity_output_16_wide", {2, 12, 5, 5}, {16, 12, 3, 3}, {16, 8, 2, 2}, {true, false, false, false},
+       {{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros}, true},
+      {"patchify_folded_rank_8", {2, 12, 8, 8}, {20, 12, 2, 2}, {8, 16, 2, 2}, {}, {{2, 2}, {0, 0}, {1, 1}, 1, PM::Zeros}, true},
+  };
+  for (const auto& c : rows) {
+    const auto fmt = c.channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+    auto x = torch::randn(c.x_shape).contiguous(fmt).requires_grad_(true);
+    const auto w = (torch::randn(c.w_shape) * 0.1).contiguous(fmt);
+    auto core = torch::randn(c.ranks).requires_grad_(true);
+    std::vector<Tensor> factors(4), wrt{x, core};
+    for (size_t n = 0; n < 4; ++n)
+      if (c.identity.empty() || !c.identity[n]) wrt.push_back(factors[n] = (torch::randn({c.w_shape[n], c.ranks[n]}) * 0.3).requires_grad_(true));
+    ASSERT_TRUE(F::fused_factorized_applies(x, w, core, c.geo)) << c.name;
+    const Tensor y = F::fused_factorized_conv(x, w, {}, core, factors, 0.7, c.geo);
+    std::vector<Tensor> wrt64;
+    for (const auto& t : wrt) wrt64.push_back(t.detach().to(torch::kFloat64).requires_grad_(true));
+    std::vector<Tensor> f64(4);
+    for (size_t n = 0, i = 2; n < 4; ++n)
+      if (factors[n].defined()) f64[n] = wrt64[i++];
+    const Tensor ref = F::conv_nd(wrt64[0], w.to(torch::kFloat64), {}, c.geo) + F::conv_branch(wrt64[0], wrt64[1], f64, 0.7, c.geo);
+    ASSERT_EQ(y.sizes(), ref.sizes()) << c.name;
+    EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5) << c.name;
+    const Tensor probe = torch::randn_like(ref);
+    const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
+    const auto want = torch::autograd::grad({ref}, wrt64, {probe});
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5)
+          << c.name << " gradient " << i;
+  }
+}
+
+// flora/detail/narrow_gemm.h's kernels on raw memory against float64 products: every width,
+// row counts that leave each register block's tail, strided rows, a partial range of output
+// rows (the others untouched), and the wide product overwriting or accumulating.
+struct NarrowCase {
+  std::string name;
+  char op;  ///< 'm': a b; 't': a^T b over rows [i0, i1); 'w': a b into c; 'a': c += a b
+  int64_t rows, k, n, pad = 0, i0 = 0, i1 = -1;
+};
+
+class NarrowGemmBattery : public ::testing::TestWithParam<NarrowCase> {};
+
+TEST_P(NarrowGemmBattery, EqualsTheDoubleProduct) {
+  namespace D = flora::detail;
+  const auto& c = GetParam();
+  const double tol = 1e-5;
+  const float sentinel = -12345.0f;
+  auto largest = [](const Tensor& t) { return t.numel() ? t.abs().max().item<double>() : 0.0; };
+  if (c.op == 'm') {  // a [rows, k] with row stride k + pad, b [k, n]
+    const Tensor a = torch::randn({c.rows, c.k + c.pad}).narrow(1, 0, c.k), b = torch::randn({c.k, c.n});
+    Tensor out = torch::full({c.rows, c.n}, sentinel);
+    D::narrow_mm(a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), out.data_ptr<float>(), c.rows, c.k, c.n);
+    const Tensor ref = a.to(torch::kFloat64).mm(b.to(torch::kFloat64));
+    if (c.rows == 0) return;  // nothing to write, and nothing read
+    EXPECT_LE(max_abs_diff(out.to(torch::kFloat64), ref), tol * (1 + largest(ref))) << c.name;
+  } else if (c.op == 't') {  // a [rows, k] with row stride k + pad, b [rows, n]: rows i0..i1 of a^T b
+    const int64_t i1 = c.i1 < 0 ? c.k : c.i1;
+    const Tensor a = torch::randn({c.rows, c.k + c.pad}).narrow(1, 0, c.k), b = torch::randn({c.rows, c.n});
+    Tensor out = torch::full({c.k, c.n}, sentinel);
+    D::narrow_tmm(a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), out.data_ptr<float>(), c.rows, c.i0, i1, c.n);
+    const Tensor ref = a.to(torch::kFloat64).t().mm(b.to(torch::kFloat64)).narrow(0, c.i0, i1 - c.i0);
+    EXPECT_LE(max_abs_diff(out.narrow(0, c.i0, i1 - c.i0).to(torch::kFloat64), ref), tol * (1 + largest(ref))) << c.name;
+    const int64_t untouched = out.numel() - (i1 - c.i0) * c.n;
+    EXPECT_EQ(out.eq(sentinel).sum().item<int64_t>(), untouched) << c.name << ": rows outside [i0, i1) are left alone";
+  } else {  // a [rows, k], b [k, n], c [rows, n] with row stride n + pad
+    const bool accumulate = c.op == 'a';
+    const Tensor a = torch::randn({c.rows, c.k}), b = torch::randn({c.k, c.n});
+    Tensor base = torch::randn({c.rows, c.n + c.pad});
+    const Tensor before = base.clone();
+    Tensor out = base.narrow(1, 0, c.n);
+    D::narrow_wide_mm(a.data_ptr<float>(), b.data_ptr<float>(), out.data_ptr<float>(), base.stride(0), c.rows, c.k, c.n,
+                      accumulate);
+    Tensor ref = a.to(torch::kFloat64).mm(b.to(torch::kFloat64));
+    if (accumulate) ref += before.narrow(1, 0, c.n).to(torch::kFloat64);
+    EXPECT_LE(max_abs_diff(out.to(torch::kFloat64), ref), tol * (1 + largest(ref))) << c.name;
+    if (c.pad) EXPECT_TRUE(torch::equal(base.narrow(1, c.n, c.pad), before.narrow(1, c.n, c.pad))) << c.name << ": padding untouched";
+  }
+}
+
+std::vector<NarrowCase> narrow_cases() {
+  return {
+      // a b: 8 rows a block at width 8, 6 at 16, 4 at 24, 3 at 32; each row count leaves a tail
+      {"mm_width8_tail5", 'm', 13, 5, 8},
+      {"mm_width16_tail2_strided", 'm', 20, 17, 16, 3},
+      {"mm_width24_tail3", 'm', 7, 3, 24},
+      {"mm_width32_tail2_im2col_length", 'm', 11, 144, 32, 1},
+      {"mm_one_row_one_column", 'm', 1, 1, 16},
+      {"mm_no_rows", 'm', 0, 4, 16},
+      {"mm_resnet_layer2_projection", 'm', 1024, 128, 16},
+      // a^T b over output rows [i0, i1)
+      {"tmm_width8_partial_rows", 't', 50, 13, 8, 2, 2, 11},
+      {"tmm_width16_all_rows", 't', 100, 7, 16},
+      {"tmm_width24_strided", 't', 33, 5, 24, 4},
+      {"tmm_width32_tail1", 't', 9, 4, 32},
+      {"tmm_no_rows_gives_zeros", 't', 0, 6, 16},
+      {"tmm_resnet_layer3_core_gradient", 't', 256, 144, 16},
+      // a b into c (k the narrow side, any width m): 16- and 8-column blocks, then single columns
+      {"wide_overwrite_m130_strided", 'w', 9, 16, 130, 5},
+      {"wide_accumulate_m130_strided", 'a', 9, 16, 130, 5},
+      {"wide_accumulate_k1_m7", 'a', 5, 1, 7},
+      {"wide_accumulate_k32_m24", 'a', 4, 32, 24},
+      {"wide_overwrite_m8", 'w', 3, 8, 8},
+      {"wide_accumulate_resnet_layer4_update", 'a', 64, 16, 512},
+  };
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, NarrowGemmBattery, ::testing::ValuesIn(narrow_cases()),
+                         [](const ::testing::TestParamInfo<NarrowCase>& info) { return info.param.name; });
+
 TEST(FusedFactorizedConv, RefusesWhatItCannotRunAndDoubleBackward) {
   const auto message = flora_test::error_message<flora::InvalidArgument>;
   const F::ConvGeometry grouped{{1, 1}, {1, 1}, {1, 1}, 2, F::PaddingMode::Zeros};
@@ -617,23 +741,27 @@ TEST(FusedFactorizedConv, BackwardInsideAnAutocastScopeKeepsTheTensorsDtype) {
 
 TEST(FusedFactorizedConv, TheFactorizedPathFusesResNetSmallMapsAndNotTheLargerOnes) {
   // ResNet-18's and ConvNeXt-tiny's convs at 64-px images, batch 16, forced onto the factorized
-  // path: fused (one node) where the im2col matrix has at most 2^17 elements, the op chain
+  // path: fused (one node) where the im2col matrix has at most 2^17 elements, or 2^18 where the
+  // node's products run on the narrow kernels (float32, ranks 16, an AVX2 CPU); the op chain
   // (its last op the add of base and branch) elsewhere.
   struct Row {
     const char* name;
     torch::nn::Conv2dOptions conv;
     int64_t pixels;
-    bool fused;
+    bool fused, fused_on_narrow_kernels;
   };
   using O = torch::nn::Conv2dOptions;
   const std::vector<Row> rows = {
-      {"layer4 3x3, 2x2 maps", O(512, 512, 3).padding(1).bias(false), 2, true},
-      {"layer3 3x3, 4x4 maps", O(256, 256, 3).padding(1).bias(false), 4, true},
-      {"layer3 1x1/2 downsampling, U_in folded", O(128, 256, 1).stride(2).bias(false), 8, true},
-      {"layer2 3x3, 8x8 maps", O(128, 128, 3).padding(1).bias(false), 8, false},
-      {"ConvNeXt 2x2/2 downsampling at 4x4, U_in folded", O(384, 768, 2).stride(2), 4, true},
-      {"ConvNeXt 2x2/2 downsampling at 8x8, U_in folded", O(192, 384, 2).stride(2), 8, false},
+      {"layer4 3x3, 2x2 maps", O(512, 512, 3).padding(1).bias(false), 2, true, true},
+      {"layer3 3x3, 4x4 maps", O(256, 256, 3).padding(1).bias(false), 4, true, true},
+      {"layer3 1x1/2 downsampling, U_in folded", O(128, 256, 1).stride(2).bias(false), 8, true, true},
+      {"layer2 3x3, 8x8 maps (147,456)", O(128, 128, 3).padding(1).bias(false), 8, false, true},
+      {"layer1 3x3, 16x16 maps (589,824)", O(64, 64, 3).padding(1).bias(false), 16, false, false},
+      {"ConvNeXt 2x2/2 downsampling at 4x4, U_in folded", O(384, 768, 2).stride(2), 4, true, true},
+      {"ConvNeXt 2x2/2 downsampling at 8x8, U_in folded (196,608)", O(192, 384, 2).stride(2), 8, false, true},
+      {"ConvNeXt 2x2/2 downsampling at 16x16, U_in folded (393,216)", O(96, 192, 2).stride(2), 16, false, false},
   };
+  const bool narrow = flora::detail::avx2_fma_enabled();
   for (const auto& r : rows) {
     flora::nn::Conv2d conv(r.conv);
     conv->add_adapter("default", flora::AdapterOptions().ranks({16, 16, 2, 2}).clip_ranks(true).conv_path(flora::ConvPath::Factorized));
@@ -641,7 +769,8 @@ TEST(FusedFactorizedConv, TheFactorizedPathFusesResNetSmallMapsAndNotTheLargerOn
     const auto y = conv->forward(x);
     ASSERT_TRUE(y.grad_fn()) << r.name;
     const std::string node = y.grad_fn()->name();
-    EXPECT_EQ(node.find("FusedFactorizedConv") != std::string::npos, r.fused) << r.name << ": " << node;
+    EXPECT_EQ(node.find("FusedFactorizedConv") != std::string::npos, narrow ? r.fused_on_narrow_kernels : r.fused)
+        << r.name << ": " << node;
   }
 }
 

@@ -239,9 +239,11 @@ bool hybrid_folds_input(int64_t in_channels, int64_t r_in, int64_t r_out, int64_
 /// Whether the factorized path of a 2-d conv with groups 1 runs as one autograd node
 /// (functional::fused_factorized_conv) rather than as its op chain: where its im2col matrix,
 /// the batch's output pixels x kernel elements x the core conv's input channels (r_1, or `in`
-/// where U_in is folded), has at most 2^17 elements (512 KiB of float32). Measured in
-/// docs/PERFORMANCE.md, "Session 18".
-bool fuse_factorized_conv(double window_elements);
+/// where U_in is folded), has at most 2^17 elements (512 KiB of float32), or 2^18 with
+/// narrow_kernels: the node's products on flora/detail/narrow_gemm.h's kernels (float32, ranks 8
+/// to 32 wide, an AVX2 + FMA CPU), about 2.5x faster than OpenBLAS's there. Measured in
+/// docs/PERFORMANCE.md, "Session 18" and "Session 19".
+bool fuse_factorized_conv(double window_elements, bool narrow_kernels = false);
 
 /// True when ConvPath::Separable applies to the target: a 2-d conv ([out, in/groups, kh, kw])
 /// with in/groups == 1 (depthwise, or a single input channel).
