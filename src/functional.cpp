@@ -1268,6 +1268,77 @@ Tensor merged_weight(const Tensor& w0, const Tensor& k, const Tensor& u_out, con
   return wm.view(w0.sizes());
 }
 
+// The fused and hybrid nodes' products where one side is narrow (a rank: 8 to 32 wide):
+// flora/detail/narrow_gemm.h's kernels for float32 on an AVX2 + FMA CPU, about 2.5x OpenBLAS's
+// speed on these shapes (docs/PERFORMANCE.md, session 19); LibTorch's GEMM otherwise. Rows are
+// split over LibTorch's threads in tasks of at least 16 K multiply-adds.
+int64_t narrow_grain(int64_t macs_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, macs_per_row)); }
+
+bool narrow_rows(const Tensor& a) {
+  return a.scalar_type() == at::kFloat && a.dim() == 2 && (a.stride(1) == 1 || a.size(1) <= 1) &&
+         detail::avx2_fma_enabled();
+}
+
+// a b for a [P, K] and b [K, n], n narrow.
+Tensor narrow_mm(const Tensor& a, const Tensor& b) {
+  const int64_t P = a.size(0), K = a.size(1), n = b.size(1);
+  if (!narrow_rows(a) || !detail::narrow_width(n) || b.scalar_type() != at::kFloat) return a.mm(b);
+  const Tensor bc = b.contiguous();
+  Tensor c = at::empty({P, n}, a.options());
+  const float* pa = a.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* pc = c.data_ptr<float>();
+  const int64_t lda = a.stride(0);
+  at::parallel_for(0, P, narrow_grain(K * n), [&](int64_t s, int64_t e) {
+    detail::narrow_mm(pa + s * lda, lda, pb, pc + s * n, e - s, K, n);
+  });
+  return c;
+}
+
+// a^T b for a [P, K] and b [P, n], n narrow.
+Tensor narrow_tmm(const Tensor& a, const Tensor& b) {
+  const int64_t P = a.size(0), K = a.size(1), n = b.size(1);
+  if (!narrow_rows(a) || !detail::narrow_width(n) || b.scalar_type() != at::kFloat) return a.t().mm(b);
+  const Tensor bc = b.contiguous();
+  Tensor c = at::empty({K, n}, a.options());
+  const float* pa = a.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* pc = c.data_ptr<float>();
+  const int64_t lda = a.stride(0);
+  at::parallel_for(0, K, narrow_grain(P * n), [&](int64_t s, int64_t e) {
+    detail::narrow_tmm(pa, lda, pb, pc, P, s, e, n);
+  });
+  return c;
+}
+
+// c (+)= a b for c [P, m] (unit column stride), a [P, k] with k narrow (at most 32), b [k, m]:
+// in place into c's memory; c's values are overwritten unless accumulate. False where the
+// kernels do not apply (the caller uses LibTorch then).
+bool narrow_wide_mm(Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
+  const int64_t P = c.size(0), m = c.size(1), k = a.size(1);
+  if (!narrow_rows(c) || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || k > 32) return false;
+  const Tensor ac = a.contiguous(), bc = b.contiguous();
+  const float* pa = ac.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* pc = c.data_ptr<float>();
+  const int64_t ldc = c.stride(0);
+  at::parallel_for(0, P, narrow_grain(k * m), [&](int64_t s, int64_t e) {
+    detail::narrow_wide_mm(pa + s * k, pb, pc + s * ldc, ldc, e - s, k, m, accumulate);
+  });
+  return true;
+}
+
+// a b for a [P, k] (k narrow) and b [k, m], a new tensor.
+Tensor narrow_wide_mm(const Tensor& a, const Tensor& b) {
+  Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+  return narrow_wide_mm(c, a, b, false) ? c : a.mm(b);
+}
+
+// t [N, C, H, W] as rows [N H W, C]: a view where t is channels-last, else a copy.
+Tensor pixel_rows(const Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+}
+
 // The custom conv nodes' geometry (groups 1, zero padding: x arrives padded) and whether a bias
 // came, kept in saved_data between forward and backward.
 void save_geometry(torch::autograd::AutogradContext* ctx, const ConvGeometry& geo, bool bias) {
@@ -1342,9 +1413,21 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     const bool want_out = u_out.defined() && ctx->needs_input_grad(4);
     const bool want_in = u_in.defined() && ctx->needs_input_grad(5);
     if (!want_k && !want_out && !want_in) return out;
+    // 2-d with narrow ranks in float32 on AVX2, at small maps (flora::narrow_hybrid_steps): the
+    // four 1x1 steps as GEMMs on the pixels' channel rows (narrow_mm, narrow_tmm), views where the
+    // tensors are channels-last.
+    const bool rows = d == 2 && x.scalar_type() == at::kFloat && detail::avx2_fma_enabled() &&
+                      (!u_out.defined() || detail::narrow_width(u_out.size(1))) &&
+                      (!u_in.defined() || detail::narrow_width(u_in.size(1))) &&
+                      narrow_hybrid_steps(static_cast<double>(std::max(x.numel(), gy.numel())));
+    auto as_map = [](const Tensor& r, const Tensor& like) {  // [N H W, c] -> [N, c, H, W], channels-last
+      return r.view({like.size(0), like.size(2), like.size(3), r.size(1)}).permute({0, 3, 1, 2});
+    };
     const Tensor w_in = u_in.defined() ? pointwise(u_in.t(), d) : Tensor();   // [r_1, in, 1...]
-    const Tensor xp = u_in.defined() ? conv_nd(x, w_in, {}, one) : x;
-    const Tensor gp = u_out.defined() ? conv_nd(gy, pointwise(u_out.t(), d), {}, one) : gy;
+    const Tensor xp = !u_in.defined() ? x : rows ? as_map(narrow_mm(pixel_rows(x), u_in), x) : conv_nd(x, w_in, {}, one);
+    const Tensor gp = !u_out.defined() ? gy
+                      : rows          ? as_map(narrow_mm(pixel_rows(gy), u_out), gy)
+                                      : conv_nd(gy, pointwise(u_out.t(), d), {}, one);
     Tensor gxp;
     if (want_k || want_in) {
       auto r = conv_grads(gp, xp, k, geo, want_in, want_k);
@@ -1353,9 +1436,12 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     }
     if (want_out) {
       const Tensor zc = conv_nd(xp, k, {}, geo);
-      out[4] = std::get<1>(conv_grads(gy, zc, pointwise(u_out, d), one, false, true)).view(u_out.sizes());
+      out[4] = rows ? narrow_tmm(pixel_rows(gy), pixel_rows(zc))
+                    : std::get<1>(conv_grads(gy, zc, pointwise(u_out, d), one, false, true)).view(u_out.sizes());
     }
-    if (want_in) out[5] = std::get<1>(conv_grads(gxp, x, w_in, one, false, true)).view({u_in.size(1), u_in.size(0)}).t();
+    if (want_in)
+      out[5] = rows ? narrow_tmm(pixel_rows(x), pixel_rows(gxp))
+                    : std::get<1>(conv_grads(gxp, x, w_in, one, false, true)).view({u_in.size(1), u_in.size(0)}).t();
     return out;
   }
 };
@@ -1474,77 +1560,6 @@ struct Windows {
     return x;
   }
 };
-
-// The node's products where one side is narrow (a rank: 8 to 32 wide): flora/detail/narrow_gemm.h's
-// kernels for float32 on an AVX2 + FMA CPU, about 2.5x OpenBLAS's speed on these shapes
-// (docs/PERFORMANCE.md, session 19); LibTorch's GEMM otherwise. Rows are split over LibTorch's
-// threads in tasks of at least 16 K multiply-adds.
-int64_t narrow_grain(int64_t macs_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, macs_per_row)); }
-
-bool narrow_rows(const Tensor& a) {
-  return a.scalar_type() == at::kFloat && a.dim() == 2 && (a.stride(1) == 1 || a.size(1) <= 1) &&
-         detail::avx2_fma_enabled();
-}
-
-// a b for a [P, K] and b [K, n], n narrow.
-Tensor narrow_mm(const Tensor& a, const Tensor& b) {
-  const int64_t P = a.size(0), K = a.size(1), n = b.size(1);
-  if (!narrow_rows(a) || !detail::narrow_width(n) || b.scalar_type() != at::kFloat) return a.mm(b);
-  const Tensor bc = b.contiguous();
-  Tensor c = at::empty({P, n}, a.options());
-  const float* pa = a.data_ptr<float>();
-  const float* pb = bc.data_ptr<float>();
-  float* pc = c.data_ptr<float>();
-  const int64_t lda = a.stride(0);
-  at::parallel_for(0, P, narrow_grain(K * n), [&](int64_t s, int64_t e) {
-    detail::narrow_mm(pa + s * lda, lda, pb, pc + s * n, e - s, K, n);
-  });
-  return c;
-}
-
-// a^T b for a [P, K] and b [P, n], n narrow.
-Tensor narrow_tmm(const Tensor& a, const Tensor& b) {
-  const int64_t P = a.size(0), K = a.size(1), n = b.size(1);
-  if (!narrow_rows(a) || !detail::narrow_width(n) || b.scalar_type() != at::kFloat) return a.t().mm(b);
-  const Tensor bc = b.contiguous();
-  Tensor c = at::empty({K, n}, a.options());
-  const float* pa = a.data_ptr<float>();
-  const float* pb = bc.data_ptr<float>();
-  float* pc = c.data_ptr<float>();
-  const int64_t lda = a.stride(0);
-  at::parallel_for(0, K, narrow_grain(P * n), [&](int64_t s, int64_t e) {
-    detail::narrow_tmm(pa, lda, pb, pc, P, s, e, n);
-  });
-  return c;
-}
-
-// c (+)= a b for c [P, m] (unit column stride), a [P, k] with k narrow (at most 32), b [k, m]:
-// in place into c's memory; c's values are overwritten unless accumulate. False where the
-// kernels do not apply (the caller uses LibTorch then).
-bool narrow_wide_mm(Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
-  const int64_t P = c.size(0), m = c.size(1), k = a.size(1);
-  if (!narrow_rows(c) || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || k > 32) return false;
-  const Tensor ac = a.contiguous(), bc = b.contiguous();
-  const float* pa = ac.data_ptr<float>();
-  const float* pb = bc.data_ptr<float>();
-  float* pc = c.data_ptr<float>();
-  const int64_t ldc = c.stride(0);
-  at::parallel_for(0, P, narrow_grain(k * m), [&](int64_t s, int64_t e) {
-    detail::narrow_wide_mm(pa + s * k, pb, pc + s * ldc, ldc, e - s, k, m, accumulate);
-  });
-  return true;
-}
-
-// a b for a [P, k] (k narrow) and b [k, m], a new tensor.
-Tensor narrow_wide_mm(const Tensor& a, const Tensor& b) {
-  Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
-  return narrow_wide_mm(c, a, b, false) ? c : a.mm(b);
-}
-
-// t [N, C, H, W] as rows [N H W, C]: a view where t is channels-last, else a copy.
-Tensor pixel_rows(const Tensor& t) {
-  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
-}
 
 // t += rows ([N H W, C] as pixel_rows reads t), in place: one addmm into t's memory where t is
 // channels-last, a strided add otherwise. rows = a b (b given as its transpose's view) or a.

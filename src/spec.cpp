@@ -368,6 +368,8 @@ bool fuse_factorized_conv(double window_elements, bool narrow_kernels) {
   return window_elements <= (narrow_kernels ? 262144.0 : 131072.0);
 }
 
+bool narrow_hybrid_steps(double activation_elements) { return activation_elements <= 1048576.0; }
+
 ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
   // Multiply-adds, plus memory traffic of the extra activations weighted by kMemCost
   // (on CPU a float moved costs about as much as several multiply-adds; see docs/DESIGN.md).

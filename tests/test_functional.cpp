@@ -561,9 +561,10 @@ TEST(FusedFactorizedConv, FloatMatchesTheDoubleOpChainAtResNetLayer4Size) {
     EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-4) << i;
 }
 
-TEST(FusedFactorizedConv, NarrowRanksInFloatMatchTheDoubleOpChain) {
-  // Ranks 8 to 32 wide in float32: the node's products run on the narrow kernels (on an AVX2
-  // machine; LibTorch's GEMM under FLORA_NO_AVX2) and must equal the float64 op chain.
+TEST(NarrowGemm, FusedAndHybridConvInFloatMatchTheDoubleOpChain) {
+  // Ranks 8 to 32 wide in float32: the fused node's products and the hybrid node's 1x1 steps run
+  // on the narrow kernels (on an AVX2 machine; LibTorch's GEMM and convs under FLORA_NO_AVX2)
+  // and must equal the float64 op chain.
   struct Row {
     std::string name;
     std::vector<int64_t> x_shape, w_shape, ranks;
@@ -588,21 +589,25 @@ TEST(FusedFactorizedConv, NarrowRanksInFloatMatchTheDoubleOpChain) {
     for (size_t n = 0; n < 4; ++n)
       if (c.identity.empty() || !c.identity[n]) wrt.push_back(factors[n] = (torch::randn({c.w_shape[n], c.ranks[n]}) * 0.3).requires_grad_(true));
     ASSERT_TRUE(F::fused_factorized_applies(x, w, core, c.geo)) << c.name;
-    const Tensor y = F::fused_factorized_conv(x, w, {}, core, factors, 0.7, c.geo);
     std::vector<Tensor> wrt64;
     for (const auto& t : wrt) wrt64.push_back(t.detach().to(torch::kFloat64).requires_grad_(true));
     std::vector<Tensor> f64(4);
     for (size_t n = 0, i = 2; n < 4; ++n)
       if (factors[n].defined()) f64[n] = wrt64[i++];
     const Tensor ref = F::conv_nd(wrt64[0], w.to(torch::kFloat64), {}, c.geo) + F::conv_branch(wrt64[0], wrt64[1], f64, 0.7, c.geo);
-    ASSERT_EQ(y.sizes(), ref.sizes()) << c.name;
-    EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5) << c.name;
     const Tensor probe = torch::randn_like(ref);
-    const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
-    const auto want = torch::autograd::grad({ref}, wrt64, {probe});
-    for (size_t i = 0; i < got.size(); ++i)
-      EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5)
-          << c.name << " gradient " << i;
+    const auto want = torch::autograd::grad({ref}, wrt64, {probe}, true);
+    for (const bool hybrid : {false, true}) {
+      const std::string name = c.name + (hybrid ? " (hybrid)" : " (fused)");
+      const Tensor y = hybrid ? F::hybrid_conv(x, w, {}, core, factors, 0.7, c.geo)
+                              : F::fused_factorized_conv(x, w, {}, core, factors, 0.7, c.geo);
+      ASSERT_EQ(y.sizes(), ref.sizes()) << name;
+      EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5) << name;
+      const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
+      for (size_t i = 0; i < got.size(); ++i)
+        EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5)
+            << name << " gradient " << i;
+    }
   }
 }
 
