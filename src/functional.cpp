@@ -1274,15 +1274,18 @@ Tensor merged_weight(const Tensor& w0, const Tensor& k, const Tensor& u_out, con
 // split over LibTorch's threads in tasks of at least 16 K multiply-adds.
 int64_t narrow_grain(int64_t macs_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, macs_per_row)); }
 
-bool narrow_rows(const Tensor& a) {
-  return a.scalar_type() == at::kFloat && a.dim() == 2 && (a.stride(1) == 1 || a.size(1) <= 1) &&
-         detail::avx2_fma_enabled();
+// A 2-d float32 CPU tensor (the kernels read raw host memory); with rows, also of unit column
+// stride. Shapes that do not fit go to LibTorch, whose GEMM then reports them.
+bool narrow_operand(const Tensor& t, bool rows = false) {
+  return t.dim() == 2 && t.scalar_type() == at::kFloat && t.device().is_cpu() &&
+         (!rows || t.stride(1) == 1 || t.size(1) <= 1) && detail::avx2_fma_enabled();
 }
 
 // a b for a [P, K] and b [K, n], n narrow.
 Tensor narrow_mm(const Tensor& a, const Tensor& b) {
+  if (!narrow_operand(a, true) || !narrow_operand(b) || b.size(0) != a.size(1) || !detail::narrow_width(b.size(1)))
+    return a.mm(b);
   const int64_t P = a.size(0), K = a.size(1), n = b.size(1);
-  if (!narrow_rows(a) || !detail::narrow_width(n) || b.scalar_type() != at::kFloat) return a.mm(b);
   const Tensor bc = b.contiguous();
   Tensor c = at::empty({P, n}, a.options());
   const float* pa = a.data_ptr<float>();
@@ -1297,8 +1300,9 @@ Tensor narrow_mm(const Tensor& a, const Tensor& b) {
 
 // a^T b for a [P, K] and b [P, n], n narrow.
 Tensor narrow_tmm(const Tensor& a, const Tensor& b) {
+  if (!narrow_operand(a, true) || !narrow_operand(b) || b.size(0) != a.size(0) || !detail::narrow_width(b.size(1)))
+    return a.t().mm(b);
   const int64_t P = a.size(0), K = a.size(1), n = b.size(1);
-  if (!narrow_rows(a) || !detail::narrow_width(n) || b.scalar_type() != at::kFloat) return a.t().mm(b);
   const Tensor bc = b.contiguous();
   Tensor c = at::empty({K, n}, a.options());
   const float* pa = a.data_ptr<float>();
@@ -1315,8 +1319,10 @@ Tensor narrow_tmm(const Tensor& a, const Tensor& b) {
 // in place into c's memory; c's values are overwritten unless accumulate. False where the
 // kernels do not apply (the caller uses LibTorch then).
 bool narrow_wide_mm(Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
+  if (!narrow_operand(c, true) || !narrow_operand(a) || !narrow_operand(b) || a.size(0) != c.size(0) ||
+      b.size(0) != a.size(1) || b.size(1) != c.size(1) || a.size(1) > 32)
+    return false;
   const int64_t P = c.size(0), m = c.size(1), k = a.size(1);
-  if (!narrow_rows(c) || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || k > 32) return false;
   const Tensor ac = a.contiguous(), bc = b.contiguous();
   const float* pa = ac.data_ptr<float>();
   const float* pb = bc.data_ptr<float>();
@@ -1416,7 +1422,7 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     // 2-d with narrow ranks in float32 on AVX2, at small maps (flora::narrow_hybrid_steps): the
     // four 1x1 steps as GEMMs on the pixels' channel rows (narrow_mm, narrow_tmm), views where the
     // tensors are channels-last.
-    const bool rows = d == 2 && x.scalar_type() == at::kFloat && detail::avx2_fma_enabled() &&
+    const bool rows = d == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && detail::avx2_fma_enabled() &&
                       (!u_out.defined() || detail::narrow_width(u_out.size(1))) &&
                       (!u_in.defined() || detail::narrow_width(u_in.size(1))) &&
                       narrow_hybrid_steps(static_cast<double>(std::max(x.numel(), gy.numel())));
@@ -1674,7 +1680,7 @@ namespace {
 // float32 on an AVX2 + FMA CPU, with the core's output rank (the width of z and of gy U_out) and,
 // unless U_in is folded or absent, its input rank (the width of x U_in) 8 to 32 wide.
 bool narrow_products(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, bool folded) {
-  return x.scalar_type() == at::kFloat && detail::avx2_fma_enabled() && detail::narrow_width(core.size(0)) &&
+  return x.scalar_type() == at::kFloat && x.device().is_cpu() && detail::avx2_fma_enabled() && detail::narrow_width(core.size(0)) &&
          (folded || !factors[1].defined() || detail::narrow_width(core.size(1)));
 }
 

@@ -979,4 +979,38 @@ TEST(Device, ConvPathsAndMergeOnGpuMatchCpu_CUDA) {
   EXPECT_LT(max_abs_diff(conv->forward(x.cuda()).cpu(), cpu), 1e-10);
 }
 
+TEST(Device, HybridAndFactorizedPathsInFloatWithRank16OnGpuMatchCpu_CUDA) {
+  // float32, ranks 16 on a small map: on the CPU the hybrid and fused nodes run their products on
+  // the narrow GEMMs (host code); on the GPU they must not, and must agree with the CPU.
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(4);
+  // Full float32 on the GPU (TF32 convs and GEMMs would differ from the CPU by about 1e-3).
+  auto& context = at::globalContext();
+  const bool cudnn_tf32 = context.allowTF32CuDNN(), cublas_tf32 = context.allowTF32CuBLAS();
+  context.setAllowTF32CuDNN(false);
+  context.setAllowTF32CuBLAS(false);
+  for (auto path : {ConvPath::Hybrid, ConvPath::Factorized}) {
+    flora::nn::Conv2d conv(torch::nn::Conv2dOptions(32, 32, 3).padding(1).bias(false));
+    auto a = conv->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}).conv_path(path));
+    randomize(a->parameters());
+    const auto x = torch::randn({4, 32, 8, 8}).contiguous(torch::MemoryFormat::ChannelsLast);
+    const auto probe = torch::randn({4, 32, 8, 8});
+    auto run = [&](const torch::Device& device) {
+      conv->to(device);
+      conv->zero_grad();
+      const auto y = conv->forward(x.to(device));
+      (y * probe.to(device)).sum().backward();
+      std::vector<Tensor> out{y.detach().cpu()};
+      for (const auto& p : a->parameters()) out.push_back(p.grad().cpu());
+      return out;
+    };
+    const auto cpu = run(torch::kCPU), gpu = run(torch::kCUDA);
+    for (size_t i = 0; i < cpu.size(); ++i)
+      EXPECT_LT(max_abs_diff(gpu[i], cpu[i]) / (1e-6 + cpu[i].abs().max().item<double>()), 1e-4)
+          << flora::to_string(path) << " tensor " << i;
+  }
+  context.setAllowTF32CuDNN(cudnn_tf32);
+  context.setAllowTF32CuBLAS(cublas_tf32);
+}
+
 }  // namespace

@@ -240,15 +240,15 @@ bool hybrid_folds_input(int64_t in_channels, int64_t r_in, int64_t r_out, int64_
 /// (functional::fused_factorized_conv) rather than as its op chain: where its im2col matrix,
 /// the batch's output pixels x kernel elements x the core conv's input channels (r_1, or `in`
 /// where U_in is folded), has at most 2^17 elements (512 KiB of float32), or 2^18 with
-/// narrow_kernels: the node's products on flora/detail/narrow_gemm.h's kernels (float32, ranks 8
-/// to 32 wide, an AVX2 + FMA CPU), about 2.5x faster than OpenBLAS's there. Measured in
+/// narrow_kernels: the node's products on flora/detail/narrow_gemm.h's kernels (CPU float32,
+/// ranks 8 to 32 wide, an AVX2 + FMA CPU), about 2.5x faster than OpenBLAS's there. Measured in
 /// docs/PERFORMANCE.md, "Session 18" and "Session 19".
 bool fuse_factorized_conv(double window_elements, bool narrow_kernels = false);
 
 /// Whether the hybrid conv path's 1x1 steps (x U_in, gy U_out and the two factors' gradients)
 /// run as the narrow GEMMs on the pixels' channel rows rather than as oneDNN 1x1 convs, where
-/// those kernels apply (float32, ranks 8 to 32, AVX2 + FMA): where the larger of the layer's
-/// input and output activations has at most 2^20 elements (4 MiB of float32). Above that they
+/// those kernels apply (CPU float32, ranks 8 to 32, AVX2 + FMA): where the larger of the
+/// layer's (padded) input and output gradient has at most 2^20 elements (4 MiB of float32). Above that they
 /// stream from memory and oneDNN's convs were faster (docs/PERFORMANCE.md, "Session 19").
 bool narrow_hybrid_steps(double activation_elements);
 
