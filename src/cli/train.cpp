@@ -147,8 +147,27 @@ std::unique_ptr<Model> prepare(const EvalArgs& a) {
   if (!a.adapter.empty() && fs::exists(fs::path(a.adapter) / "adapter_config.json"))
     io::read_adapter(a.adapter);  // a bad directory fails before the model loads
   auto model = open_model(a.model);
-  if (a.num_classes > 0) model->set_num_classes(a.num_classes, 0);  // before the weights: a merged model has the new head
-  if (!a.weights.empty()) model->load_state(io::SafetensorsFile(a.weights).load_all(), true);
+  std::vector<std::pair<std::string, torch::Tensor>> weights;
+  if (!a.weights.empty()) weights = io::SafetensorsFile(a.weights).load_all();
+  // --num-classes K: a merged model's file has the K-class head, so the head is replaced before
+  // the weights load; the base model's file has its original head, and the adapter directory
+  // brings the trained one (its trained modules), so the head is replaced after them.
+  bool head_after = false;
+  if (a.num_classes > 0) {
+    const std::string head = model->head_name() + ".weight";
+    int64_t file_classes = 0;
+    for (const auto& [name, t] : weights)
+      if (name == head && t.dim() == 2) file_classes = t.size(0);
+    head_after = file_classes > 0 && file_classes != a.num_classes;
+    if (head_after && a.adapter.empty())
+      throw InvalidArgument("--num-classes " + std::to_string(a.num_classes) + ", but '" + a.weights + "' has a " +
+                            std::to_string(file_classes) + "-class head and no --adapter brings a trained " +
+                            std::to_string(a.num_classes) +
+                            "-class one (hint: pass the run's adapter directory, or drop --num-classes)");
+    if (!head_after) model->set_num_classes(a.num_classes, 0);
+  }
+  if (!weights.empty()) model->load_state(weights, true);
+  if (head_after) model->set_num_classes(a.num_classes, 0);
   if (!a.adapter.empty()) model->load_adapter_dir(a.adapter);
   model->train(false);
   return model;

@@ -64,6 +64,12 @@ check "adapt base" 0 "flora: done" -- train "${common[@]}" --weights run_base/ad
   --data procedural:glyphs:20 --image-size 16 --steps 3 --out run_adapt num_classes=12
 w=(--model smallcnn --weights run_base/adapter/trained_modules.safetensors)
 check "forward adapted" 0 "output [2, 12]" -- forward "${w[@]}" --adapter run_adapt/adapter --input in.safetensors --output out_a.safetensors
+# --num-classes as trained, with the base file's original head: replaced after the weights load.
+check "forward adapted, K given" 0 "output [2, 12]" -- forward "${w[@]}" --num-classes 12 --adapter run_adapt/adapter \
+  --input in.safetensors --output out_k.safetensors
+same out_a.safetensors out_k.safetensors && ok || no "--num-classes changed the adapted output"
+check "K without a head" 2 "no --adapter brings a trained 12-class one" -- forward "${w[@]}" --num-classes 12 \
+  --input in.safetensors --output out_x.safetensors
 mkdir -p head_only && cp run_adapt/adapter/trained_modules.safetensors head_only/
 check "forward head only" 0 "output [2, 12]" -- forward "${w[@]}" --adapter head_only --input in.safetensors --output out_b.safetensors
 check "merge native" 0 "merged 5 adapted" -- merge "${w[@]}" --adapter run_adapt/adapter --out merged.safetensors
