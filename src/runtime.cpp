@@ -1,4 +1,5 @@
 #include "flora/runtime.h"
+#include "flora/detail/narrow_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <c10/core/Allocator.h>
@@ -101,6 +102,16 @@ std::string blas_threading() {
     default: return "unknown";
   }
 }
+
+bool parallel_loops() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool avx2_kernels() { return detail::avx2_fma_enabled(); }
 
 namespace {
 

@@ -31,6 +31,14 @@ int blas_threads();
 /// 1 thread, docs/PERFORMANCE.md "Threads and BLAS"), "sequential", or "" when not OpenBLAS.
 std::string blas_threading();
 
+/// Whether flora's own parallel loops (the fused conv's im2col, the narrow GEMMs) run on LibTorch's
+/// threads: flora compiled with OpenMP, which CMake does for GCC against a LibTorch that links the
+/// system libgomp.so.1 (Debian's). Otherwise they run on one thread.
+bool parallel_loops();
+/// Whether flora's hand-written loops run their AVX2 + FMA copies (an x86 CPU with both, built by
+/// GCC or Clang, FLORA_NO_AVX2 unset).
+bool avx2_kernels();
+
 /// What the CPU block cache holds and has done (all zero until configure_allocator installs it).
 struct CpuCacheStats {
   std::size_t live_bytes = 0;    ///< in tensors now (blocks of 128 KiB and more, rounded up)

@@ -155,6 +155,9 @@ int run_doctor() {
             << (g_threads_flag > 0 ? std::string("--threads") : flora::default_threads().source) << "; hardware "
             << std::thread::hardware_concurrency() << ")\n";
   std::cout << "oneDNN (mkldnn): " << (at::hasMKLDNN() ? "yes" : "no") << "\n";
+  std::cout << "flora's loops: " << (flora::parallel_loops() ? "on LibTorch's threads (OpenMP)" : "one thread (built without OpenMP)")
+            << "; " << (flora::avx2_kernels() ? "AVX2 + FMA kernels" : "portable kernels (no AVX2 + FMA, or FLORA_NO_AVX2 set)")
+            << "\n";
   const auto cache = flora::cpu_cache_stats();
   if (cache.limit_bytes > 0)
     std::cout << "CPU block cache: on, up to " << (cache.limit_bytes >> 20) << " MB cached (FLORA_CPU_CACHE_MB=0 turns it off)\n";
@@ -189,7 +192,7 @@ int run_doctor() {
 }
 
 void add_doctor(CLI::App& app, std::function<int()>& run) {
-  auto* c = app.add_subcommand("doctor", "Report LibTorch, BLAS speed, threads, the CPU block cache and CUDA devices");
+  auto* c = app.add_subcommand("doctor", "Report LibTorch, BLAS speed, threads, flora's loops (OpenMP, AVX2), the CPU block cache and CUDA devices");
   c->callback([&run] { run = run_doctor; });
 }
 

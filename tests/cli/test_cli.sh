@@ -115,6 +115,16 @@ done
 out=$(env -u OMP_NUM_THREADS -u SLURM_CPUS_PER_TASK "$flora" --threads 1 doctor 2>&1)
 if [[ $out == *"threads: 1 (from --threads;"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor --threads: $out"; fail=$((fail + 1)); fi
 check "threads negative"  2 "--threads"              -- --threads -1 doctor
+# flora's own loops: on LibTorch's threads where CMake built flora with OpenMP (it says which in
+# FLORA_EXPECT_PARALLEL_LOOPS); the AVX2 kernels off under FLORA_NO_AVX2.
+if [[ -n ${FLORA_EXPECT_PARALLEL_LOOPS:-} ]]; then
+  want="one thread (built without OpenMP)"; [[ $FLORA_EXPECT_PARALLEL_LOOPS == 1 ]] && want="on LibTorch's threads (OpenMP)"
+  out=$("$flora" doctor 2>&1)
+  if [[ $out == *"flora's loops: $want"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor loops (want '$want'): $out"; fail=$((fail + 1)); fi
+fi
+out=$(FLORA_NO_AVX2=1 "$flora" doctor 2>&1)
+if [[ $out == *"portable kernels"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor FLORA_NO_AVX2: $out"; fail=$((fail + 1)); fi
+
 # BLAS: with OpenBLAS's OpenMP build installed, the binary loads it whatever the system's
 # alternative says (CMakeLists.txt, FLORA_OPENMP_BLAS); the pthreads build is reported with a warning
 omp_dir=/usr/lib/x86_64-linux-gnu/openblas-openmp pth_dir=/usr/lib/x86_64-linux-gnu/openblas-pthread
