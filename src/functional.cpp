@@ -1693,18 +1693,42 @@ bool fused_factorized_applies(const Tensor& x, const Tensor& weight, const Tenso
          x.scalar_type() == dtype && core.scalar_type() == dtype && !at::autocast::is_cpu_enabled();
 }
 
-Tensor factorized_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
-                       const std::vector<Tensor>& factors, double scale, const ConvGeometry& geo) {
-  bool fuse = false;
+namespace {
+
+// How factorized_conv runs for input x: as the fused node or not, and its products on the narrow
+// GEMMs or not.
+struct Fusion {
+  bool fuse = false, narrow = false;
+};
+
+Fusion factorized_fusion(const Tensor& x, const Tensor& weight, const Tensor& core, const std::vector<Tensor>& factors,
+                         const ConvGeometry& geo) {
+  Fusion f;
   if (fused_factorized_applies(x, weight, core, geo) && factors.size() == 4) {
     // The im2col matrix: one row per output pixel of the batch, kernel x (r_1, or in where U_in is folded) columns.
     const auto n = conv_counts(x, std::vector<int64_t>(weight.sizes().begin() + 2, weight.sizes().end()), geo);
     const double rows = (x.dim() == 4 ? static_cast<double>(x.size(0)) : 1.0) * n.out_pixels;
     const bool folded = fused_folds_input(x, weight, core, factors, geo);
     const auto columns = n.kernel * (folded ? weight.size(1) : core.size(1));
-    fuse = fuse_factorized_conv(rows * static_cast<double>(columns), narrow_products(x, core, factors, folded));
+    f.narrow = narrow_products(x, core, factors, folded);
+    f.fuse = fuse_factorized_conv(rows * static_cast<double>(columns), f.narrow);
   }
-  if (fuse)
+  return f;
+}
+
+}  // namespace
+
+bool factorized_fuses_narrow(const std::vector<int64_t>& input_shape, const Tensor& weight, const Tensor& core,
+                             const std::vector<Tensor>& factors, const ConvGeometry& geo) {
+  // An input of that shape in the weight's dtype and device, one element broadcast: no memory.
+  const Tensor x = at::empty({1}, weight.options()).expand(input_shape);
+  const Fusion f = factorized_fusion(x, weight, core, factors, geo);
+  return f.fuse && f.narrow;
+}
+
+Tensor factorized_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
+                       const std::vector<Tensor>& factors, double scale, const ConvGeometry& geo) {
+  if (factorized_fusion(x, weight, core, factors, geo).fuse)
     return fused_factorized_conv(x, weight, bias, core, factors, scale, geo);
   return conv_nd(x, weight, bias, geo) + conv_branch(x, core, factors, scale, geo);
 }

@@ -11,6 +11,7 @@
 #include <numeric>
 
 #include "flora/detail/compat.h"
+#include "flora/detail/narrow_gemm.h"
 #include "flora/flora.h"
 #include "helpers.h"
 
@@ -744,6 +745,21 @@ TEST(FloraConv, CostModelPicksHybridWherePixelsOutweighTheWeight) {
                                   << c.factorized << ", merged " << c.merged;
     EXPECT_TRUE(std::isinf(conv->path_costs({16, r.c, r.hw, r.hw}, false, false).hybrid)) << "inference: merged";
   }
+  // 64 -> 128 3x3/2 at 16x16 (ResNet-18's layer2.0.conv1 for 64-px images): hybrid by the
+  // model's charges, factorized where that path runs as the fused node on the narrow GEMMs
+  // (float32 on an AVX2 CPU), which measured faster; as the cost input says.
+  flora::nn::Conv2d down(torch::nn::Conv2dOptions(64, 128, 3).stride(2).padding(1).bias(false));
+  down->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));
+  const auto dc = down->path_costs({16, 64, 16, 16}, true, true);
+  EXPECT_LT(dc.hybrid, dc.factorized) << "the charges alone favour hybrid";
+  EXPECT_EQ(dc.choice, flora::detail::avx2_fma_enabled() ? ConvPath::Factorized : ConvPath::Hybrid);
+  flora::ConvCostInput in;
+  in.batch = 16, in.in_channels = 64, in.out_channels = 128, in.kernel = {3, 3}, in.in_spatial = {16, 16},
+  in.out_spatial = {8, 8};
+  const auto spec = down->adapter()->spec();
+  EXPECT_EQ(flora::conv_path_costs(spec, in).choice, ConvPath::Hybrid);
+  in.fused_narrow = true;
+  EXPECT_EQ(flora::conv_path_costs(spec, in).choice, ConvPath::Factorized);
   // Never for grouped convs, active dropout or autocast.
   flora::nn::Conv2d grouped(torch::nn::Conv2dOptions(64, 64, 3).padding(1).groups(2));
   grouped->add_adapter("default", AdapterOptions().ranks({16, 16, 2, 2}));

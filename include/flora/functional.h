@@ -162,6 +162,11 @@ Tensor fused_factorized_conv(const Tensor& x, const Tensor& weight, const Tensor
 /// whose dtype (float or double) is the weight's and the core's, outside autocast. The bias and
 /// factors are expected on the CPU in that dtype too (as the op chain expects them).
 bool fused_factorized_applies(const Tensor& x, const Tensor& weight, const Tensor& core, const ConvGeometry& geo);
+/// Whether factorized_conv, for an input of `input_shape` in the weight's dtype and device, runs
+/// the fused node with its products on the narrow GEMMs (flora/detail/narrow_gemm.h): the cost
+/// model's ConvCostInput::fused_narrow.
+bool factorized_fuses_narrow(const std::vector<int64_t>& input_shape, const Tensor& weight, const Tensor& core,
+                             const std::vector<Tensor>& factors, const ConvGeometry& geo);
 
 /// The Embedding branch: rows of U_num gathered for `indices`, times s * G U_dim^T.
 /// U_num's row padding_idx gets no gradient (as nn.Embedding's weight).

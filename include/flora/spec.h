@@ -202,6 +202,9 @@ struct ConvCostInput {
   bool input_requires_grad = true;  ///< the input gradient is needed too
   bool dropout = false;             ///< adapter dropout is active (merged path then needs its own conv)
   bool autocast = false;            ///< autocast is on (the hybrid path would run in float32)
+  /// The factorized path would run as one fused node on the narrow GEMMs
+  /// (functional::factorized_fuses_narrow): it then beats the hybrid path (see conv_path_costs).
+  bool fused_narrow = false;
 };
 /// Estimated extra cost (in multiply-add equivalents) of each conv path over the frozen base.
 struct ConvPathCosts {
