@@ -1320,7 +1320,8 @@ Tensor narrow_tmm(const Tensor& a, const Tensor& b) {
 // kernels do not apply (the caller uses LibTorch then).
 bool narrow_wide_mm(Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
   if (!narrow_operand(c, true) || !narrow_operand(a) || !narrow_operand(b) || a.size(0) != c.size(0) ||
-      b.size(0) != a.size(1) || b.size(1) != c.size(1) || a.size(1) > 32)
+      b.size(0) != a.size(1) || b.size(1) != c.size(1) || a.size(1) > 32 ||
+      (c.size(0) > 1 && c.stride(0) < c.size(1)))  // written: rows must not overlap
     return false;
   const int64_t P = c.size(0), m = c.size(1), k = a.size(1);
   const Tensor ac = a.contiguous(), bc = b.contiguous();

@@ -376,7 +376,8 @@ ConvPathCosts ConvImpl<D>::path_costs(const std::vector<int64_t>& shape, bool tr
   in.input_requires_grad = input_requires_grad;
   in.dropout = is_training() && a->spec().dropout > 0.0;  // as forward: dropout is on in train mode
   in.autocast = at::autocast::is_cpu_enabled() || at::autocast::is_enabled();
-  in.fused_narrow = D == 2 && training && !in.dropout && !in.autocast &&
+  // Only where the model chooses (every forward asks): builds a placeholder input of this shape.
+  in.fused_narrow = D == 2 && training && !in.dropout && !in.autocast && a->spec().conv_path == ConvPath::Auto &&
                     F::factorized_fuses_narrow(shape, weight, a->core(), a->factors(), geo_);
   return conv_path_costs(a->spec(), in);
 }
