@@ -288,11 +288,11 @@ struct TuckerDeltaFunction : public torch::autograd::Function<TuckerDeltaFunctio
 // such layers.
 // The loops below get an AVX2 + FMA copy, chosen at run time, where the compiler can make one
 // (GCC or Clang on x86): built for baseline x86-64 (SSE2) they ran 1.3x slower at 384 and 768
-// channels. Elsewhere, or with FLORA_NO_AVX2 set (the tests run both), the portable copy runs.
+// channels. Elsewhere, or with FLORA_NO_AVX2 set (the tests run both), the portable copy runs
+// (detail::avx2_fma_enabled decides, as for the narrow GEMMs).
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FLORA_X86_DISPATCH 1
 #define FLORA_ALWAYS_INLINE __attribute__((always_inline)) inline
-bool has_avx2_fma() { return detail::avx2_fma_enabled(); }
 #else
 #define FLORA_X86_DISPATCH 0
 #define FLORA_ALWAYS_INLINE inline
@@ -375,7 +375,7 @@ struct DepthwiseDeltaLoops {
     R == 4 ? forward_rows<4>(u0, kt, m, d) : forward_rows<0>(u0, kt, m, d);
   }
   void forward(const T* u0, const T* kt, T* m, T* d) const {
-    has_avx2_fma() ? forward_avx2(u0, kt, m, d) : forward_any(u0, kt, m, d);
+    detail::avx2_fma_enabled() ? forward_avx2(u0, kt, m, d) : forward_any(u0, kt, m, d);
   }
 #else
   void forward(const T* u0, const T* kt, T* m, T* d) const { forward_any(u0, kt, m, d); }
@@ -432,7 +432,7 @@ struct DepthwiseDeltaLoops {
     R == 4 ? backward_rows<4>(gd, u0, kt, m, gu0, gst, gkt) : backward_rows<0>(gd, u0, kt, m, gu0, gst, gkt);
   }
   void backward(const T* gd, const T* u0, const T* kt, const T* m, T* gu0, T* gst, T* gkt) const {
-    has_avx2_fma() ? backward_avx2(gd, u0, kt, m, gu0, gst, gkt) : backward_any(gd, u0, kt, m, gu0, gst, gkt);
+    detail::avx2_fma_enabled() ? backward_avx2(gd, u0, kt, m, gu0, gst, gkt) : backward_any(gd, u0, kt, m, gu0, gst, gkt);
   }
 #else
   void backward(const T* gd, const T* u0, const T* kt, const T* m, T* gu0, T* gst, T* gkt) const {
@@ -1274,6 +1274,13 @@ Tensor merged_weight(const Tensor& w0, const Tensor& k, const Tensor& u_out, con
 // split over LibTorch's threads in tasks of at least 16 K multiply-adds.
 int64_t narrow_grain(int64_t macs_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, macs_per_row)); }
 
+// Whether a branch on input x with ranks r_out and r_in (0: no such factor) runs its products on
+// the narrow kernels: x float32 on the CPU, an AVX2 + FMA CPU, each rank 8 to 32 wide.
+bool narrow_ranks(const Tensor& x, int64_t r_out, int64_t r_in) {
+  return x.scalar_type() == at::kFloat && x.device().is_cpu() && detail::avx2_fma_enabled() &&
+         (r_out == 0 || detail::narrow_width(r_out)) && (r_in == 0 || detail::narrow_width(r_in));
+}
+
 // A 2-d float32 CPU tensor (the kernels read raw host memory); with rows, also of unit column
 // stride. Shapes that do not fit go to LibTorch, whose GEMM then reports them.
 bool narrow_operand(const Tensor& t, bool rows = false) {
@@ -1337,6 +1344,7 @@ bool narrow_wide_mm(Tensor& c, const Tensor& a, const Tensor& b, bool accumulate
 
 // a b for a [P, k] (k narrow) and b [k, m], a new tensor.
 Tensor narrow_wide_mm(const Tensor& a, const Tensor& b) {
+  if (!narrow_operand(a) || !narrow_operand(b)) return a.mm(b);  // no output allocated for nothing
   Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
   return narrow_wide_mm(c, a, b, false) ? c : a.mm(b);
 }
@@ -1423,9 +1431,7 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     // 2-d with narrow ranks in float32 on AVX2, at small maps (flora::narrow_hybrid_steps): the
     // four 1x1 steps as GEMMs on the pixels' channel rows (narrow_mm, narrow_tmm), views where the
     // tensors are channels-last.
-    const bool rows = d == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && detail::avx2_fma_enabled() &&
-                      (!u_out.defined() || detail::narrow_width(u_out.size(1))) &&
-                      (!u_in.defined() || detail::narrow_width(u_in.size(1))) &&
+    const bool rows = d == 2 && narrow_ranks(x, u_out.defined() ? u_out.size(1) : 0, u_in.defined() ? u_in.size(1) : 0) &&
                       narrow_hybrid_steps(static_cast<double>(std::max(x.numel(), gy.numel())));
     auto as_map = [](const Tensor& r, const Tensor& like) {  // [N H W, c] -> [N, c, H, W], channels-last
       return r.view({like.size(0), like.size(2), like.size(3), r.size(1)}).permute({0, 3, 1, 2});
@@ -1675,18 +1681,6 @@ bool fused_folds_input(const Tensor& x, const Tensor& weight, const Tensor& core
 
 }  // namespace
 
-namespace {
-
-// Whether the fused node's products run on the narrow kernels (narrow_mm and its siblings above):
-// float32 on an AVX2 + FMA CPU, with the core's output rank (the width of z and of gy U_out) and,
-// unless U_in is folded or absent, its input rank (the width of x U_in) 8 to 32 wide.
-bool narrow_products(const Tensor& x, const Tensor& core, const std::vector<Tensor>& factors, bool folded) {
-  return x.scalar_type() == at::kFloat && x.device().is_cpu() && detail::avx2_fma_enabled() && detail::narrow_width(core.size(0)) &&
-         (folded || !factors[1].defined() || detail::narrow_width(core.size(1)));
-}
-
-}  // namespace
-
 bool fused_factorized_applies(const Tensor& x, const Tensor& weight, const Tensor& core, const ConvGeometry& geo) {
   const auto dtype = weight.scalar_type();
   return geo.dims() == 2 && geo.groups == 1 && (x.dim() == 4 || x.dim() == 3) && weight.dim() == 4 && core.dim() == 4 &&
@@ -1711,7 +1705,9 @@ Fusion factorized_fusion(const Tensor& x, const Tensor& weight, const Tensor& co
     const double rows = (x.dim() == 4 ? static_cast<double>(x.size(0)) : 1.0) * n.out_pixels;
     const bool folded = fused_folds_input(x, weight, core, factors, geo);
     const auto columns = n.kernel * (folded ? weight.size(1) : core.size(1));
-    f.narrow = narrow_products(x, core, factors, folded);
+    // The core's output rank is the width of z and of gy U_out; its input rank that of x U_in,
+    // unless U_in is folded or absent.
+    f.narrow = narrow_ranks(x, core.size(0), folded || !factors[1].defined() ? 0 : core.size(1));
     f.fuse = fuse_factorized_conv(rows * static_cast<double>(columns), f.narrow);
   }
   return f;
