@@ -482,10 +482,10 @@ ConvPathCosts conv_path_costs(const AdapterSpec& s, const ConvCostInput& in) {
     // step when merged measured 1.27x; docs/PERFORMANCE.md). It stays an explicit choice.
     c.choice = c.factorized < c.merged ? ConvPath::Factorized : ConvPath::Merged;
     // Where the factorized path runs as the fused node on the narrow GEMMs it measured faster than
-    // hybrid at every such shape (docs/PERFORMANCE.md, "Session 19": 64 -> 128 3x3/2 at 8x8
-    // 1.63x against 1.77x, 128 ch 8x8 1.32x against 1.38-1.42x, 512 ch 7x7 1.08x against 1.21x,
-    // ConvNeXt's 2x2/2 downsampling 1.42x against 1.53x and 1.15x against 1.49x), which this
-    // model's per-op charges for the branch's convs do not see.
+    // hybrid at every such shape (docs/PERFORMANCE.md, "Session 19", bench/paths_proto.cpp:
+    // 64 -> 128 3x3/2 at 8x8 1.66x against 1.68x, 128 ch 8x8 1.29x against 1.33x, 512 ch 7x7
+    // 1.06x against 1.13x, ConvNeXt's 192 -> 384 2x2/2 1.40x against 1.47x), which this model's
+    // per-op charges for the branch's convs do not see.
     if (c.hybrid < std::min(c.factorized, c.merged) && !(in.fused_narrow && c.factorized < c.merged))
       c.choice = ConvPath::Hybrid;
   }

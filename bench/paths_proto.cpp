@@ -1,0 +1,146 @@
+// Session 19's prototype measurements (docs/PERFORMANCE.md, "Session 19"), kept so the figures
+// there can be reproduced. Not part of the CMake build (it calls flora::functional and
+// flora::detail directly, forcing paths the module would not pick); build it against a built
+// libflora.a:
+//
+//   g++ -O2 -fopenmp -std=gnu++17 -D_GLIBCXX_USE_CXX11_ABI=1 -isystem /usr/include/torch/csrc/api/include \
+//     -Iinclude bench/paths_proto.cpp -o /tmp/paths_proto build/libflora.a \
+//     -Wl,-rpath,/usr/lib/x86_64-linux-gnu/openblas-openmp /usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3 \
+//     -ltorch -ltorch_cpu -lc10
+//   /tmp/paths_proto paths    # each 2-d conv path forced, per shape: variant / frozen, 30 interleaved rounds
+//   /tmp/paths_proto gemm     # the narrow GEMMs against at::mm, hot, microseconds
+//   FLORA_NO_AVX2=1 /tmp/paths_proto paths   # the same without the narrow GEMMs
+#include <torch/torch.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <vector>
+
+#include "flora/detail/narrow_gemm.h"
+#include "flora/functional.h"
+#include "flora/runtime.h"
+
+namespace F = flora::functional;
+using torch::Tensor;
+
+namespace {
+
+double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Frozen (conv forward + input gradient) and each path stepped in turn, 30 rounds after 3
+// warm-up ones; prints the median of variant / frozen per path. Ranks [16, 16, 2, 2] (kernel
+// ranks clipped to the kernel), U_in folded where the kernel equals its stride (as the library
+// folds ConvNeXt's 2x2/2 downsampling), channels-last, batch 16.
+void paths() {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  // in, out, map, kernel, stride, padding
+  const std::vector<std::tuple<int, int, int, int, int, int>> shapes{
+      {512, 512, 2, 3, 1, 1}, {256, 256, 4, 3, 1, 1}, {128, 128, 8, 3, 1, 1}, {64, 128, 16, 3, 2, 1},
+      {192, 384, 8, 2, 2, 0}, {96, 96, 12, 3, 1, 1},  {96, 192, 16, 2, 2, 0}, {64, 64, 16, 3, 1, 1},
+      {256, 256, 14, 3, 1, 1}, {512, 512, 7, 3, 1, 1}, {128, 128, 28, 3, 1, 1}, {64, 64, 56, 3, 1, 1}};
+  for (const auto& [C, O, H, k, s, p] : shapes) {
+    const bool fold = k == s;
+    const int kr = std::min(k, 2);
+    Tensor x = torch::randn({16, C, H, H}).contiguous(cl).requires_grad_(true);
+    Tensor w = (torch::randn({O, C, k, k}) * 0.05).contiguous(cl);
+    Tensor core = (fold ? torch::randn({16, C, kr, kr}) : torch::randn({16, 16, kr, kr})).mul(0.1).requires_grad_(true);
+    std::vector<Tensor> f{(torch::randn({O, 16}) * 0.1).requires_grad_(true),
+                          fold ? Tensor() : (torch::randn({C, 16}) * 0.1).requires_grad_(true),
+                          torch::randn({k, kr}).requires_grad_(true), torch::randn({k, kr}).requires_grad_(true)};
+    const F::ConvGeometry g{{s, s}, {p, p}, {1, 1}, 1, F::PaddingMode::Zeros};
+    const int Ho = (H + 2 * p - k) / s + 1;
+    const Tensor gy = torch::randn({16, O, Ho, Ho}).contiguous(cl);
+    const std::vector<std::function<Tensor()>> variants{
+        [&] { return F::conv_nd(x, w, {}, g); },
+        [&] { return F::fused_factorized_conv(x, w, {}, core, f, 0.5, g); },
+        [&] { return F::conv_nd(x, w, {}, g) + F::conv_branch(x, core, f, 0.5, g); },
+        [&] { return F::hybrid_conv(x, w, {}, core, f, 0.5, g); }};
+    auto step = [&](size_t j) {
+      const double t0 = now();
+      variants[j]().backward(gy);
+      const double t = now() - t0;
+      x.mutable_grad().reset();
+      core.mutable_grad().reset();
+      for (auto& t2 : f)
+        if (t2.defined()) t2.mutable_grad().reset();
+      return t;
+    };
+    for (int i = 0; i < 3; ++i)
+      for (size_t j = 0; j < variants.size(); ++j) step(j);
+    std::vector<std::vector<double>> ratio(variants.size());
+    for (int i = 0; i < 30; ++i) {
+      const double frozen = step(0);
+      for (size_t j = 1; j < variants.size(); ++j) ratio[j].push_back(step(j) / frozen);
+    }
+    const double window = 16.0 * Ho * Ho * k * k * (fold ? C : 16);
+    std::printf("%4d -> %4d at %2dx%-2d %dx%d/%d  im2col %8.0f  fused %.3f  chain %.3f  hybrid %.3f\n", C, O, H, H, k, k, s,
+                window, median(ratio[1]), median(ratio[2]), median(ratio[3]));
+  }
+}
+
+template <class Fn>
+double time_us(Fn fn) {
+  for (int i = 0; i < 10; ++i) fn();
+  std::vector<double> v;
+  for (int i = 0; i < 200; ++i) {
+    const double t0 = now();
+    fn();
+    v.push_back((now() - t0) * 1e6);
+  }
+  return median(v);
+}
+
+// The narrow GEMMs, rows split over LibTorch's threads as functional.cpp does, against at::mm.
+void gemm() {
+  torch::NoGradGuard no_grad;
+  for (const auto& [P, K] : std::vector<std::pair<int64_t, int64_t>>{{4096, 64}, {1024, 144}, {1024, 128}, {256, 144}}) {
+    const Tensor a = torch::randn({P, K}), b = torch::randn({K, 16}), g = torch::randn({P, 16}), u = torch::randn({16, K});
+    Tensor c = torch::randn({P, K});
+    const double mm = time_us([&] { a.mm(b); });
+    const double nmm = time_us([&] {
+      Tensor out = at::empty({P, 16});
+      at::parallel_for(0, P, std::max<int64_t>(1, 16384 / (K * 16)), [&](int64_t s, int64_t e) {
+        flora::detail::narrow_mm(a.data_ptr<float>() + s * K, K, b.data_ptr<float>(), out.data_ptr<float>() + s * 16, e - s, K, 16);
+      });
+    });
+    const double tmm = time_us([&] { a.t().mm(g); });
+    const double ntmm = time_us([&] {
+      Tensor out = at::empty({K, 16});
+      at::parallel_for(0, K, std::max<int64_t>(1, 16384 / (P * 16)), [&](int64_t s, int64_t e) {
+        flora::detail::narrow_tmm(a.data_ptr<float>(), K, g.data_ptr<float>(), out.data_ptr<float>(), P, s, e, 16);
+      });
+    });
+    const double add = time_us([&] { c.addmm_(g, u); });
+    const double nadd = time_us([&] {
+      at::parallel_for(0, P, std::max<int64_t>(1, 16384 / (16 * K)), [&](int64_t s, int64_t e) {
+        flora::detail::narrow_wide_mm(g.data_ptr<float>() + s * 16, u.data_ptr<float>(), c.data_ptr<float>() + s * K, K, e - s,
+                                      16, K, true);
+      });
+    });
+    std::printf("P %5lld K %4lld | [P,K]x[K,16] mm %6.1f narrow %6.1f | [P,K]^T[P,16] mm %6.1f narrow %6.1f | "
+                "[P,16]x[16,K] added mm %6.1f narrow %6.1f us\n",
+                static_cast<long long>(P), static_cast<long long>(K), mm, nmm, tmm, ntmm, add, nadd);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  flora::configure_threads();
+  flora::configure_allocator();
+  const char* what = argc > 1 ? argv[1] : "paths";
+  if (std::strcmp(what, "gemm") == 0) gemm();
+  else paths();
+  return 0;
+}
