@@ -1248,6 +1248,9 @@ std::vector<int64_t> from_channels_last_order(int64_t d) {
 // into W0's memory layout: T [r_0, (k, in)] for a channels-last W0, [r_0, (in, k)] otherwise,
 // so that W0 viewed as [out, rest] is a view and Wm needs no permute copy. For a ResNet conv at
 // 512 channels this is 0.2 ms where two mode products and a layout copy took 1 ms.
+Tensor add_product(const Tensor& base, const Tensor& a, const Tensor& b);
+Tensor narrow_wide_mm(const Tensor& a, const Tensor& b);
+
 Tensor merged_weight(const Tensor& w0, const Tensor& k, const Tensor& u_out, const Tensor& u_in) {
   const int64_t d = w0.dim() - 2;
   const int64_t O = w0.size(0), I = w0.size(1), ro = k.size(0), ri = k.size(1), kk = k.numel() / (ro * ri);
@@ -1255,16 +1258,16 @@ Tensor merged_weight(const Tensor& w0, const Tensor& k, const Tensor& u_out, con
   if ((d == 2 || d == 3) && !w0.is_contiguous() && w0.is_contiguous(cl)) {
     const auto to_cl = channels_last_order(d);
     Tensor t = k.permute(to_cl).reshape({ro * kk, ri});
-    t = (u_in.defined() ? t.mm(u_in.t()) : t).reshape({ro, kk * I});
+    t = (u_in.defined() ? narrow_wide_mm(t, u_in.t()) : t).reshape({ro, kk * I});
     const Tensor w_cl = w0.permute(to_cl);               // [out, k..., in], contiguous
     const Tensor w2 = w_cl.reshape({O, kk * I});         // a view
-    const Tensor wm = u_out.defined() ? at::addmm(w2, u_out, t) : w2 + t;
+    const Tensor wm = u_out.defined() ? add_product(w2, u_out, t) : w2 + t;
     return wm.view(w_cl.sizes()).permute(from_channels_last_order(d));
   }
   const Tensor t = u_in.defined() ? u_in.mm(k.transpose(0, 1).reshape({ri, ro * kk})).view({I, ro, kk}).transpose(0, 1).reshape({ro, I * kk})
                                   : k.reshape({ro, I * kk});
   const Tensor w2 = w0.reshape({O, I * kk});
-  const Tensor wm = u_out.defined() ? at::addmm(w2, u_out, t) : w2 + t;
+  const Tensor wm = u_out.defined() ? add_product(w2, u_out, t) : w2 + t;
   return wm.view(w0.sizes());
 }
 
@@ -1347,6 +1350,27 @@ Tensor narrow_wide_mm(const Tensor& a, const Tensor& b) {
   if (!narrow_operand(a) || !narrow_operand(b)) return a.mm(b);  // no output allocated for nothing
   Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
   return narrow_wide_mm(c, a, b, false) ? c : a.mm(b);
+}
+
+// base + a b for base [P, m] (unit column stride), a [P, k] with k narrow (at most 32) and
+// b [k, m]: a new contiguous tensor, in one pass over base where the kernels apply (the merged
+// weight W0 + U_out T: at 512 channels a 9.4 MB pass saved, docs/PERFORMANCE.md session 20).
+Tensor add_product(const Tensor& base, const Tensor& a, const Tensor& b) {
+  if (!narrow_operand(base, true) || !narrow_operand(a) || !narrow_operand(b) || a.size(0) != base.size(0) ||
+      b.size(0) != a.size(1) || b.size(1) != base.size(1) || a.size(1) > 32)
+    return at::addmm(base, a, b);
+  const int64_t P = base.size(0), m = base.size(1), k = a.size(1);
+  const Tensor ac = a.contiguous(), bc = b.contiguous();
+  Tensor c = at::empty({P, m}, base.options());
+  const float* pbase = base.data_ptr<float>();
+  const float* pa = ac.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* pc = c.data_ptr<float>();
+  const int64_t ldb = base.stride(0);
+  at::parallel_for(0, P, narrow_grain(k * m), [&](int64_t s, int64_t e) {
+    detail::narrow_add_mm(pbase + s * ldb, ldb, pa + s * k, pb, pc + s * m, m, e - s, k, m);
+  });
+  return c;
 }
 
 // t [N, C, H, W] as rows [N H W, C]: a view where t is channels-last, else a copy.

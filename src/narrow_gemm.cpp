@@ -1,8 +1,9 @@
-// The narrow GEMM kernels (flora/detail/narrow_gemm.h). One source, two copies: the loop bodies
-// are written once with GCC/Clang vector types (8 floats) and inlined into an AVX2 + FMA copy
-// and a portable one; the exported functions pick at run time, as functional.cpp's depthwise
-// loops do. Each kernel keeps a block of R rows x NV vectors of c in registers (R NV <= 12 of
-// the 16 ymm registers) and streams the other operand once per block.
+// The narrow GEMM kernels (flora/detail/narrow_gemm.h). One source, three copies: the loop bodies
+// are written once with GCC/Clang vector types (8 or 16 floats) and inlined into an AVX-512
+// copy (16-lane vectors where the narrow side is 16 or 32 wide), an AVX2 + FMA copy and a
+// portable one; the exported functions pick at run time, as functional.cpp's depthwise loops
+// do. Each kernel keeps a block of R rows x NV vectors of c in registers (R NV <= 12 of the 16
+// ymm registers, <= 24 of the 32 zmm ones) and streams the other operand once per block.
 #include "flora/detail/narrow_gemm.h"
 
 #include <algorithm>
@@ -20,163 +21,217 @@ namespace {
 #endif
 #define FLORA_INLINE __attribute__((always_inline)) inline
 
-using v8 = float __attribute__((vector_size(32)));
+// The vector types: 8 floats (AVX2's ymm registers, or two SSE halves in the portable copy) and
+// 16 (AVX-512's zmm). Kernels take one as a template parameter; `L` is its lane count.
+struct V8 {
+  using t = float __attribute__((vector_size(32)));
+  static constexpr int L = 8;
+  // Registers for one kernel's accumulators, operand rows and broadcast (16 ymm).
+  static constexpr int regs = 16;
+};
+struct V16 {
+  using t = float __attribute__((vector_size(64)));
+  static constexpr int L = 16;
+  static constexpr int regs = 32;  // zmm0-31
+};
 
-FLORA_INLINE v8 load(const float* p) {
-  v8 v;
+template <class V>
+FLORA_INLINE typename V::t load(const float* p) {
+  typename V::t v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-FLORA_INLINE void store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
-// A shuffle of lane 0, which compiles to one broadcast: `v8{} + x` costs an add first (0 + x is
-// not x for x = -0), and `v8{x, x, ...}` became a chain of lane inserts.
-FLORA_INLINE v8 splat(float x) {
-  const v8 v = {x};
+template <class V>
+FLORA_INLINE void store(float* p, typename V::t v) { std::memcpy(p, &v, sizeof v); }
+// A shuffle of lane 0, which compiles to one broadcast: `v{} + x` costs an add first (0 + x is
+// not x for x = -0), and `v{x, x, ...}` became a chain of lane inserts.
+template <class V>
+FLORA_INLINE typename V::t splat(float x);
+template <>
+FLORA_INLINE V8::t splat<V8>(float x) {
+  const V8::t v = {x};
   return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+template <>
+FLORA_INLINE V16::t splat<V16>(float x) {
+  const V16::t v = {x};
+  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
 }
 
 // Rows per register block for NV vectors per row: R NV accumulators, NV operand vectors and a
-// broadcast within 16 registers.
-template <int NV>
+// broadcast within the register file (16 ymm: 8, 6, 4, 3 rows; 32 zmm: 16, 12 rows).
+template <class V, int NV>
 constexpr int block_rows() {
+  if (V::regs == 32) return NV == 1 ? 16 : NV == 2 ? 12 : NV == 3 ? 8 : 6;
   return NV == 1 ? 8 : NV == 2 ? 6 : NV == 3 ? 4 : 3;
 }
 
 // acc[r] += a[r * step] b for r < R: R broadcasts of a times one row b of NV vectors.
-template <int R, int NV>
-FLORA_INLINE void rank1(v8 (&acc)[R][NV], const float* a, int64_t step, const float* b) {
-  v8 bv[NV];
+template <class V, int R, int NV>
+FLORA_INLINE void rank1(typename V::t (&acc)[R][NV], const float* a, int64_t step, const float* b) {
+  typename V::t bv[NV];
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) bv[v] = load(b + v * 8);
-#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) bv[v] = load<V>(b + v * V::L);
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    const v8 x = splat(a[r * step]);
+    const typename V::t x = splat<V>(a[r * step]);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
   }
 }
 
-template <int R, int NV>
-FLORA_INLINE void load_block(v8 (&acc)[R][NV], const float* c, int64_t ldc) {
-#pragma GCC unroll 8
+template <class V, int R, int NV>
+FLORA_INLINE void load_block(typename V::t (&acc)[R][NV], const float* c, int64_t ldc) {
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = load(c + r * ldc + v * 8);
+    for (int v = 0; v < NV; ++v) acc[r][v] = load<V>(c + r * ldc + v * V::L);
 }
 
-template <int R, int NV>
-FLORA_INLINE void store_block(const v8 (&acc)[R][NV], float* c, int64_t ldc) {
-#pragma GCC unroll 8
+template <class V, int R, int NV>
+FLORA_INLINE void store_block(const typename V::t (&acc)[R][NV], float* c, int64_t ldc) {
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) store(c + r * ldc + v * 8, acc[r][v]);
+    for (int v = 0; v < NV; ++v) store<V>(c + r * ldc + v * V::L, acc[r][v]);
 }
 
 // c[r] = a[r] b for R rows of a (row stride lda): k rank-1 updates.
-template <int R, int NV>
+template <class V, int R, int NV>
 FLORA_INLINE void mm_block(const float* a, int64_t lda, const float* b, float* c, int64_t k) {
-  v8 acc[R][NV] = {};
-  for (int64_t j = 0; j < k; ++j) rank1(acc, a + j, lda, b + j * NV * 8);
-  store_block(acc, c, NV * 8);
+  typename V::t acc[R][NV] = {};
+  for (int64_t j = 0; j < k; ++j) rank1<V>(acc, a + j, lda, b + j * NV * V::L);
+  store_block<V>(acc, c, NV * V::L);
 }
 
-template <int NV>
+template <class V, int NV>
 FLORA_INLINE void mm_rows(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t k) {
-  constexpr int R = block_rows<NV>();
+  constexpr int R = block_rows<V, NV>();
   int64_t p = 0;
-  for (; p + R <= rows; p += R) mm_block<R, NV>(a + p * lda, lda, b, c + p * NV * 8, k);
-  for (; p < rows; ++p) mm_block<1, NV>(a + p * lda, lda, b, c + p * NV * 8, k);
+  for (; p + R <= rows; p += R) mm_block<V, R, NV>(a + p * lda, lda, b, c + p * NV * V::L, k);
+  for (; p < rows; ++p) mm_block<V, 1, NV>(a + p * lda, lda, b, c + p * NV * V::L, k);
 }
 
 // c[i] (+)= sum_p a[p, i] b[p] for R output rows i: one rank-1 update per row p of a and b.
-template <int R, int NV>
+template <class V, int R, int NV>
 FLORA_INLINE void tmm_block(const float* a, int64_t lda, const float* b, float* c, int64_t rows, bool add) {
-  v8 acc[R][NV] = {};
-  if (add) load_block(acc, c, NV * 8);
-  for (int64_t p = 0; p < rows; ++p) rank1(acc, a + p * lda, 1, b + p * NV * 8);
-  store_block(acc, c, NV * 8);
+  typename V::t acc[R][NV] = {};
+  if (add) load_block<V>(acc, c, NV * V::L);
+  for (int64_t p = 0; p < rows; ++p) rank1<V>(acc, a + p * lda, 1, b + p * NV * V::L);
+  store_block<V>(acc, c, NV * V::L);
 }
 
 // Over chunks of rows small enough that a's chunk stays in L1 while every block of output rows
 // reads its columns of it (one pass over all of a per block read a [4096, 144] im2col matrix 24
 // times from memory).
-template <int NV>
+template <class V, int NV>
 FLORA_INLINE void tmm_rows(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t i0,
                            int64_t i1) {
-  constexpr int R = block_rows<NV>();
+  constexpr int R = block_rows<V, NV>();
   const int64_t chunk = std::max<int64_t>(16, 8192 / std::max<int64_t>(1, i1 - i0));
   for (int64_t p = 0; p < rows || p == 0; p += chunk) {
     const int64_t len = std::min(chunk, rows - p);
     const float* ap = a + p * lda;
-    const float* bp = b + p * NV * 8;
+    const float* bp = b + p * NV * V::L;
     int64_t i = i0;
-    for (; i + R <= i1; i += R) tmm_block<R, NV>(ap + i, lda, bp, c + i * NV * 8, len, p > 0);
-    for (; i < i1; ++i) tmm_block<1, NV>(ap + i, lda, bp, c + i * NV * 8, len, p > 0);
+    for (; i + R <= i1; i += R) tmm_block<V, R, NV>(ap + i, lda, bp, c + i * NV * V::L, len, p > 0);
+    for (; i < i1; ++i) tmm_block<V, 1, NV>(ap + i, lda, bp, c + i * NV * V::L, len, p > 0);
   }
 }
 
-// c[r, cols] (+)= a[r, :k] b[:k, cols] for R rows and NV vectors of columns from column 0 of the
-// pointers given.
-template <int R, int NV>
-FLORA_INLINE void addmm_block(const float* a, const float* b, float* c, int64_t ldc, int64_t k, int64_t m, bool add) {
-  v8 acc[R][NV] = {};
-  if (add) load_block(acc, c, ldc);
-  for (int64_t j = 0; j < k; ++j) rank1(acc, a + j, k, b + j * m);
-  store_block(acc, c, ldc);
+// c[r, cols] = base[r, cols] + a[r, :k] b[:k, cols] for R rows and NV vectors of columns from
+// column 0 of the pointers given; no base term where base is null (base may be c).
+template <class V, int R, int NV>
+FLORA_INLINE void addmm_block(const float* a, const float* b, float* c, int64_t ldc, int64_t k, int64_t m,
+                              const float* base, int64_t ldb) {
+  typename V::t acc[R][NV] = {};
+  if (base) load_block<V>(acc, base, ldb);
+  for (int64_t j = 0; j < k; ++j) rank1<V>(acc, a + j, k, b + j * m);
+  store_block<V>(acc, c, ldc);
 }
 
-template <int R>
+// Columns in steps of two vectors, then one, then (16-lane vectors) one 8-lane vector, then one.
+template <class V, int R>
 FLORA_INLINE void addmm_row_block(const float* a, const float* b, float* c, int64_t ldc, int64_t k, int64_t m,
-                                  bool add) {
+                                  const float* base, int64_t ldb) {
+  auto at = [base](int64_t col) { return base ? base + col : nullptr; };
   int64_t col = 0;
-  for (; col + 16 <= m; col += 16) addmm_block<R, 2>(a, b + col, c + col, ldc, k, m, add);
-  for (; col + 8 <= m; col += 8) addmm_block<R, 1>(a, b + col, c + col, ldc, k, m, add);
+  for (; col + 2 * V::L <= m; col += 2 * V::L) addmm_block<V, R, 2>(a, b + col, c + col, ldc, k, m, at(col), ldb);
+  for (; col + V::L <= m; col += V::L) addmm_block<V, R, 1>(a, b + col, c + col, ldc, k, m, at(col), ldb);
+  if (V::L > 8)
+    for (; col + 8 <= m; col += 8) addmm_block<V8, R, 1>(a, b + col, c + col, ldc, k, m, at(col), ldb);
   for (; col < m; ++col)
     for (int r = 0; r < R; ++r) {
-      float s = add ? c[r * ldc + col] : 0.0f;
+      float s = base ? base[r * ldb + col] : 0.0f;
       for (int64_t j = 0; j < k; ++j) s += a[r * k + j] * b[j * m + col];
       c[r * ldc + col] = s;
     }
 }
 
+// n narrow: 16 and 32 as whole 16-lane vectors where V has them; 8 and 24 on 8-lane ones.
+template <class V>
 FLORA_INLINE void mm_any(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t k, int64_t n) {
+  if (V::L == 16 && n % 16 == 0) {
+    if (n == 16) return mm_rows<V, 1>(a, lda, b, c, rows, k);
+    return mm_rows<V, 2>(a, lda, b, c, rows, k);
+  }
   switch (n / 8) {
-    case 1: return mm_rows<1>(a, lda, b, c, rows, k);
-    case 2: return mm_rows<2>(a, lda, b, c, rows, k);
-    case 3: return mm_rows<3>(a, lda, b, c, rows, k);
-    default: return mm_rows<4>(a, lda, b, c, rows, k);
+    case 1: return mm_rows<V8, 1>(a, lda, b, c, rows, k);
+    case 2: return mm_rows<V8, 2>(a, lda, b, c, rows, k);
+    case 3: return mm_rows<V8, 3>(a, lda, b, c, rows, k);
+    default: return mm_rows<V8, 4>(a, lda, b, c, rows, k);
   }
 }
 
+template <class V>
 FLORA_INLINE void tmm_any(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t i0, int64_t i1,
                           int64_t n) {
+  if (V::L == 16 && n % 16 == 0) {
+    if (n == 16) return tmm_rows<V, 1>(a, lda, b, c, rows, i0, i1);
+    return tmm_rows<V, 2>(a, lda, b, c, rows, i0, i1);
+  }
   switch (n / 8) {
-    case 1: return tmm_rows<1>(a, lda, b, c, rows, i0, i1);
-    case 2: return tmm_rows<2>(a, lda, b, c, rows, i0, i1);
-    case 3: return tmm_rows<3>(a, lda, b, c, rows, i0, i1);
-    default: return tmm_rows<4>(a, lda, b, c, rows, i0, i1);
+    case 1: return tmm_rows<V8, 1>(a, lda, b, c, rows, i0, i1);
+    case 2: return tmm_rows<V8, 2>(a, lda, b, c, rows, i0, i1);
+    case 3: return tmm_rows<V8, 3>(a, lda, b, c, rows, i0, i1);
+    default: return tmm_rows<V8, 4>(a, lda, b, c, rows, i0, i1);
   }
 }
 
+template <class V>
 FLORA_INLINE void addmm_any(const float* a, const float* b, float* c, int64_t ldc, int64_t rows, int64_t k, int64_t m,
-                            bool add) {
+                            const float* base, int64_t ldb) {
+  constexpr int R = V::L == 16 ? 6 : 4;
   int64_t p = 0;
-  for (; p + 4 <= rows; p += 4) addmm_row_block<4>(a + p * k, b, c + p * ldc, ldc, k, m, add);
-  for (; p < rows; ++p) addmm_row_block<1>(a + p * k, b, c + p * ldc, ldc, k, m, add);
+  for (; p + R <= rows; p += R)
+    addmm_row_block<V, R>(a + p * k, b, c + p * ldc, ldc, k, m, base ? base + p * ldb : nullptr, ldb);
+  for (; p < rows; ++p) addmm_row_block<V, 1>(a + p * k, b, c + p * ldc, ldc, k, m, base ? base + p * ldb : nullptr, ldb);
 }
 
 #if FLORA_NARROW_X86
-__attribute__((target("avx2,fma"))) void mm_avx2(const float* a, int64_t lda, const float* b, float* c, int64_t rows,
-                                                 int64_t k, int64_t n) {
-  mm_any(a, lda, b, c, rows, k, n);
+#define FLORA_AVX2 __attribute__((target("avx2,fma")))
+#define FLORA_AVX512 __attribute__((target("avx512f,avx2,fma")))
+FLORA_AVX2 void mm_avx2(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t k, int64_t n) {
+  mm_any<V8>(a, lda, b, c, rows, k, n);
 }
-__attribute__((target("avx2,fma"))) void tmm_avx2(const float* a, int64_t lda, const float* b, float* c, int64_t rows,
-                                                  int64_t i0, int64_t i1, int64_t n) {
-  tmm_any(a, lda, b, c, rows, i0, i1, n);
+FLORA_AVX2 void tmm_avx2(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t i0, int64_t i1,
+                         int64_t n) {
+  tmm_any<V8>(a, lda, b, c, rows, i0, i1, n);
 }
-__attribute__((target("avx2,fma"))) void addmm_avx2(const float* a, const float* b, float* c, int64_t ldc,
-                                                    int64_t rows, int64_t k, int64_t m, bool add) {
-  addmm_any(a, b, c, ldc, rows, k, m, add);
+FLORA_AVX2 void addmm_avx2(const float* a, const float* b, float* c, int64_t ldc, int64_t rows, int64_t k, int64_t m,
+                           const float* base, int64_t ldb) {
+  addmm_any<V8>(a, b, c, ldc, rows, k, m, base, ldb);
+}
+FLORA_AVX512 void mm_avx512(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t k, int64_t n) {
+  mm_any<V16>(a, lda, b, c, rows, k, n);
+}
+FLORA_AVX512 void tmm_avx512(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t i0,
+                             int64_t i1, int64_t n) {
+  tmm_any<V16>(a, lda, b, c, rows, i0, i1, n);
+}
+FLORA_AVX512 void addmm_avx512(const float* a, const float* b, float* c, int64_t ldc, int64_t rows, int64_t k,
+                               int64_t m, const float* base, int64_t ldb) {
+  addmm_any<V16>(a, b, c, ldc, rows, k, m, base, ldb);
 }
 #endif
 
@@ -192,26 +247,43 @@ bool avx2_fma_enabled() {
 #endif
 }
 
+bool avx512_enabled() {
+#if FLORA_NARROW_X86
+  static const bool yes = avx2_fma_enabled() && !std::getenv("FLORA_NO_AVX512") && __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 void narrow_mm(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t k, int64_t n) {
 #if FLORA_NARROW_X86
+  if (avx512_enabled()) return mm_avx512(a, lda, b, c, rows, k, n);
   if (avx2_fma_enabled()) return mm_avx2(a, lda, b, c, rows, k, n);
 #endif
-  mm_any(a, lda, b, c, rows, k, n);
+  mm_any<V8>(a, lda, b, c, rows, k, n);
 }
 
 void narrow_tmm(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t i0, int64_t i1, int64_t n) {
 #if FLORA_NARROW_X86
+  if (avx512_enabled()) return tmm_avx512(a, lda, b, c, rows, i0, i1, n);
   if (avx2_fma_enabled()) return tmm_avx2(a, lda, b, c, rows, i0, i1, n);
 #endif
-  tmm_any(a, lda, b, c, rows, i0, i1, n);
+  tmm_any<V8>(a, lda, b, c, rows, i0, i1, n);
 }
 
 void narrow_wide_mm(const float* a, const float* b, float* c, int64_t ldc, int64_t rows, int64_t k, int64_t m,
                     bool accumulate) {
+  narrow_add_mm(accumulate ? c : nullptr, ldc, a, b, c, ldc, rows, k, m);
+}
+
+void narrow_add_mm(const float* base, int64_t ldb, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
+                   int64_t k, int64_t m) {
 #if FLORA_NARROW_X86
-  if (avx2_fma_enabled()) return addmm_avx2(a, b, c, ldc, rows, k, m, accumulate);
+  if (avx512_enabled()) return addmm_avx512(a, b, c, ldc, rows, k, m, base, ldb);
+  if (avx2_fma_enabled()) return addmm_avx2(a, b, c, ldc, rows, k, m, base, ldb);
 #endif
-  addmm_any(a, b, c, ldc, rows, k, m, accumulate);
+  addmm_any<V8>(a, b, c, ldc, rows, k, m, base, ldb);
 }
 
 }  // namespace detail

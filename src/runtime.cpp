@@ -112,6 +112,7 @@ bool parallel_loops() {
 }
 
 bool avx2_kernels() { return detail::avx2_fma_enabled(); }
+bool avx512_kernels() { return detail::avx512_enabled(); }
 
 namespace {
 

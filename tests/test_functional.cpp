@@ -612,11 +612,13 @@ TEST(NarrowGemm, FusedAndHybridConvInFloatMatchTheDoubleOpChain) {
 }
 
 // flora/detail/narrow_gemm.h's kernels on raw memory against float64 products: every width,
-// row counts that leave each register block's tail, strided rows, a partial range of output
-// rows (the others untouched), and the wide product overwriting or accumulating.
+// row counts that leave each register block's tail (AVX2's blocks and AVX-512's; CTest runs the
+// battery again with FLORA_NO_AVX512 and with FLORA_NO_AVX2), strided rows, a partial range of
+// output rows (the others untouched), and the wide product overwriting, accumulating or adding
+// a separate base.
 struct NarrowCase {
   std::string name;
-  char op;  ///< 'm': a b; 't': a^T b over rows [i0, i1); 'w': a b into c; 'a': c += a b
+  char op;  ///< 'm': a b; 't': a^T b over rows [i0, i1); 'w': a b into c; 'a': c += a b; 'b': c = base + a b
   int64_t rows, k, n, pad = 0, i0 = 0, i1 = -1;
 };
 
@@ -644,6 +646,15 @@ TEST_P(NarrowGemmBattery, EqualsTheDoubleProduct) {
     EXPECT_LE(max_abs_diff(out.narrow(0, c.i0, i1 - c.i0).to(torch::kFloat64), ref), tol * (1 + largest(ref))) << c.name;
     const int64_t untouched = out.numel() - (i1 - c.i0) * c.n;
     EXPECT_EQ(out.eq(sentinel).sum().item<int64_t>(), untouched) << c.name << ": rows outside [i0, i1) are left alone";
+  } else if (c.op == 'b') {  // c [rows, n] = base + a b, base with row stride n + pad, left untouched
+    const Tensor a = torch::randn({c.rows, c.k}), b = torch::randn({c.k, c.n});
+    const Tensor base = torch::randn({c.rows, c.n + c.pad}), before = base.clone();
+    Tensor out = torch::full({c.rows, c.n}, sentinel);
+    D::narrow_add_mm(base.data_ptr<float>(), base.stride(0), a.data_ptr<float>(), b.data_ptr<float>(), out.data_ptr<float>(),
+                     c.n, c.rows, c.k, c.n);
+    const Tensor ref = a.to(torch::kFloat64).mm(b.to(torch::kFloat64)) + base.narrow(1, 0, c.n).to(torch::kFloat64);
+    EXPECT_LE(max_abs_diff(out.to(torch::kFloat64), ref), tol * (1 + largest(ref))) << c.name;
+    EXPECT_TRUE(torch::equal(base, before)) << c.name << ": base untouched";
   } else {  // a [rows, k], b [k, n], c [rows, n] with row stride n + pad
     const bool accumulate = c.op == 'a';
     const Tensor a = torch::randn({c.rows, c.k}), b = torch::randn({c.k, c.n});
@@ -669,6 +680,9 @@ std::vector<NarrowCase> narrow_cases() {
       {"mm_one_row_one_column", 'm', 1, 1, 16},
       {"mm_no_rows", 'm', 0, 4, 16},
       {"mm_resnet_layer2_projection", 'm', 1024, 128, 16},
+      // AVX-512: 16 rows a block at width 16, 12 at width 32
+      {"mm_width16_two_zmm_blocks_tail3", 'm', 35, 9, 16, 2},
+      {"mm_width32_two_zmm_blocks_tail5", 'm', 29, 6, 32},
       // a^T b over output rows [i0, i1)
       {"tmm_width8_partial_rows", 't', 50, 13, 8, 2, 2, 11},
       {"tmm_width16_all_rows", 't', 100, 7, 16},
@@ -676,6 +690,8 @@ std::vector<NarrowCase> narrow_cases() {
       {"tmm_width32_tail1", 't', 9, 4, 32},
       {"tmm_no_rows_gives_zeros", 't', 0, 6, 16},
       {"tmm_resnet_layer3_core_gradient", 't', 256, 144, 16},
+      {"tmm_width16_zmm_block_tail7_partial", 't', 40, 30, 16, 1, 3, 26},
+      {"tmm_width32_two_zmm_blocks_tail5", 't', 21, 29, 32},
       // a b into c (k the narrow side, any width m): 16- and 8-column blocks, then single columns
       {"wide_overwrite_m130_strided", 'w', 9, 16, 130, 5},
       {"wide_accumulate_m130_strided", 'a', 9, 16, 130, 5},
@@ -683,6 +699,12 @@ std::vector<NarrowCase> narrow_cases() {
       {"wide_accumulate_k32_m24", 'a', 4, 32, 24},
       {"wide_overwrite_m8", 'w', 3, 8, 8},
       {"wide_accumulate_resnet_layer4_update", 'a', 64, 16, 512},
+      // one 16-column block, one 8-column block, three single columns; 6-row blocks + a tail
+      {"wide_accumulate_m27_rows7", 'a', 7, 16, 27, 2},
+      // c = base + a b with a strided base (the merged weight W0 + U_out T)
+      {"add_base_m27_rows13_strided", 'b', 13, 16, 27, 3},
+      {"add_base_merged_weight_128", 'b', 128, 16, 1152},
+      {"add_base_k24_m40", 'b', 5, 24, 40, 1},
   };
 }
 

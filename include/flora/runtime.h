@@ -38,6 +38,9 @@ bool parallel_loops();
 /// Whether flora's hand-written loops run their AVX2 + FMA copies (an x86 CPU with both, built by
 /// GCC or Clang, FLORA_NO_AVX2 unset).
 bool avx2_kernels();
+/// Whether the narrow GEMMs also run their AVX-512 copy (avx2_kernels(), an AVX-512F CPU,
+/// FLORA_NO_AVX512 unset).
+bool avx512_kernels();
 
 /// What the CPU block cache holds and has done (all zero until configure_allocator installs it).
 struct CpuCacheStats {

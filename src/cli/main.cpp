@@ -156,7 +156,9 @@ int run_doctor() {
             << std::thread::hardware_concurrency() << ")\n";
   std::cout << "oneDNN (mkldnn): " << (at::hasMKLDNN() ? "yes" : "no") << "\n";
   std::cout << "flora's loops: " << (flora::parallel_loops() ? "on LibTorch's threads (OpenMP)" : "one thread (built without OpenMP)")
-            << "; " << (flora::avx2_kernels() ? "AVX2 + FMA kernels" : "portable kernels (no AVX2 + FMA, or FLORA_NO_AVX2 set)")
+            << "; " << (flora::avx512_kernels() ? "AVX2 + FMA kernels, AVX-512 for the narrow GEMMs"
+                        : flora::avx2_kernels() ? "AVX2 + FMA kernels"
+                                                : "portable kernels (no AVX2 + FMA, or FLORA_NO_AVX2 set)")
             << "\n";
   const auto cache = flora::cpu_cache_stats();
   if (cache.limit_bytes > 0)

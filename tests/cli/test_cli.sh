@@ -124,6 +124,12 @@ if [[ -n ${FLORA_EXPECT_PARALLEL_LOOPS:-} ]]; then
 fi
 out=$(FLORA_NO_AVX2=1 "$flora" doctor 2>&1)
 if [[ $out == *"portable kernels"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor FLORA_NO_AVX2: $out"; fail=$((fail + 1)); fi
+if grep -qw avx512f /proc/cpuinfo 2>/dev/null && grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo; then
+  out=$("$flora" doctor 2>&1)
+  if [[ $out == *"AVX-512 for the narrow GEMMs"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor AVX-512 CPU: $out"; fail=$((fail + 1)); fi
+fi
+out=$(FLORA_NO_AVX512=1 "$flora" doctor 2>&1)
+if [[ $out != *"AVX-512"* ]]; then pass=$((pass + 1)); else echo "FAIL doctor FLORA_NO_AVX512: $out"; fail=$((fail + 1)); fi
 
 # BLAS: with OpenBLAS's OpenMP build installed, the binary loads it whatever the system's
 # alternative says (CMakeLists.txt, FLORA_OPENMP_BLAS); the pthreads build is reported with a warning

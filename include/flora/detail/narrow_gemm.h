@@ -2,7 +2,9 @@
 // row-major memory. The factorized conv node's (functional.cpp) products are of this kind: a
 // [pixels, channels] activation times a [channels, r] factor, its transposed product, and an
 // [pixels, r] x [r, channels] update added in place. OpenBLAS 0.3.21 runs them at 30 to 70
-// GFLOP/s on 2 cores; these register-blocked loops reach about 100 GFLOP/s per core (AVX2 + FMA).
+// GFLOP/s on 2 cores; these register-blocked loops reach about 100 GFLOP/s per core (AVX2 + FMA),
+// 1.2 to 1.5x that with their AVX-512 copy. The hybrid node's merged weight W0 + U_out T is the
+// wide product with a separate base (narrow_add_mm).
 // No LibTorch here: callers split the rows over threads and check shapes; these only compute.
 #pragma once
 
@@ -15,6 +17,11 @@ namespace detail {
 /// by GCC or Clang, and FLORA_NO_AVX2 unset (the tests run both ways). Otherwise the portable
 /// copies run; callers with a faster general GEMM should use it then.
 bool avx2_fma_enabled();
+
+/// Whether the narrow GEMMs run their AVX-512 copy (16-lane vectors where the narrow side is 16
+/// or 32 wide; about twice the AVX2 copy's multiply-adds per cycle): avx2_fma_enabled(), an
+/// AVX-512F CPU and FLORA_NO_AVX512 unset. The AVX2 + FMA copy runs otherwise.
+bool avx512_enabled();
 
 /// The widths the narrow side may have: 8, 16, 24 or 32.
 inline bool narrow_width(int64_t n) { return n >= 8 && n <= 32 && n % 8 == 0; }
@@ -32,6 +39,11 @@ void narrow_tmm(const float* a, int64_t lda, const float* b, float* c, int64_t r
 /// (unit column stride); any m.
 void narrow_wide_mm(const float* a, const float* b, float* c, int64_t ldc, int64_t rows, int64_t k, int64_t m,
                     bool accumulate);
+
+/// c[p, :m] = base[p, :m] + a[p, :k] b[:k, :m] in one pass: narrow_wide_mm with the added term
+/// read from base (row stride ldb; base may be c itself, or null for none).
+void narrow_add_mm(const float* base, int64_t ldb, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
+                   int64_t k, int64_t m);
 
 }  // namespace detail
 }  // namespace flora
