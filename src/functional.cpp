@@ -1325,24 +1325,32 @@ Tensor narrow_tmm(const Tensor& a, const Tensor& b) {
   return c;
 }
 
-// c (+)= a b for c [P, m] (unit column stride), a [P, k] with k narrow (at most 32), b [k, m]:
-// in place into c's memory; c's values are overwritten unless accumulate. False where the
-// kernels do not apply (the caller uses LibTorch then).
-bool narrow_wide_mm(Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
+// c = base + a b for c [P, m] (unit column stride), a [P, k] with k narrow (at most 32), b [k, m],
+// base undefined (no base term), c itself (accumulate in place) or another [P, m] tensor with
+// unit column stride: written into c's memory. False where the kernels do not apply (the caller
+// uses LibTorch then).
+bool narrow_add_mm(Tensor& c, const Tensor& base, const Tensor& a, const Tensor& b) {
   if (!narrow_operand(c, true) || !narrow_operand(a) || !narrow_operand(b) || a.size(0) != c.size(0) ||
       b.size(0) != a.size(1) || b.size(1) != c.size(1) || a.size(1) > 32 ||
-      (c.size(0) > 1 && c.stride(0) < c.size(1)))  // written: rows must not overlap
+      (c.size(0) > 1 && c.stride(0) < c.size(1)) ||  // written: rows must not overlap
+      (base.defined() && (!narrow_operand(base, true) || base.sizes() != c.sizes())))
     return false;
   const int64_t P = c.size(0), m = c.size(1), k = a.size(1);
   const Tensor ac = a.contiguous(), bc = b.contiguous();
   const float* pa = ac.data_ptr<float>();
   const float* pb = bc.data_ptr<float>();
   float* pc = c.data_ptr<float>();
-  const int64_t ldc = c.stride(0);
+  const float* pbase = base.defined() ? base.data_ptr<float>() : nullptr;
+  const int64_t ldc = c.stride(0), ldb = base.defined() ? base.stride(0) : 0;
   at::parallel_for(0, P, narrow_grain(k * m), [&](int64_t s, int64_t e) {
-    detail::narrow_wide_mm(pa + s * k, pb, pc + s * ldc, ldc, e - s, k, m, accumulate);
+    detail::narrow_add_mm(pbase ? pbase + s * ldb : nullptr, ldb, pa + s * k, pb, pc + s * ldc, ldc, e - s, k, m);
   });
   return true;
+}
+
+// c (+)= a b in place (narrow_add_mm with c's own values as the base where accumulate).
+bool narrow_wide_mm(Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
+  return narrow_add_mm(c, accumulate ? c : Tensor(), a, b);
 }
 
 // a b for a [P, k] (k narrow) and b [k, m], a new tensor.
@@ -1352,25 +1360,13 @@ Tensor narrow_wide_mm(const Tensor& a, const Tensor& b) {
   return narrow_wide_mm(c, a, b, false) ? c : a.mm(b);
 }
 
-// base + a b for base [P, m] (unit column stride), a [P, k] with k narrow (at most 32) and
-// b [k, m]: a new contiguous tensor, in one pass over base where the kernels apply (the merged
-// weight W0 + U_out T: at 512 channels a 9.4 MB pass saved, docs/PERFORMANCE.md session 20).
+// base + a b (a [P, k], k narrow): a new contiguous tensor, in one pass over base where the
+// kernels apply (the merged weight W0 + U_out T: 397 against addmm's 755 us at 512 channels,
+// docs/PERFORMANCE.md session 20).
 Tensor add_product(const Tensor& base, const Tensor& a, const Tensor& b) {
-  if (!narrow_operand(base, true) || !narrow_operand(a) || !narrow_operand(b) || a.size(0) != base.size(0) ||
-      b.size(0) != a.size(1) || b.size(1) != base.size(1) || a.size(1) > 32)
-    return at::addmm(base, a, b);
-  const int64_t P = base.size(0), m = base.size(1), k = a.size(1);
-  const Tensor ac = a.contiguous(), bc = b.contiguous();
-  Tensor c = at::empty({P, m}, base.options());
-  const float* pbase = base.data_ptr<float>();
-  const float* pa = ac.data_ptr<float>();
-  const float* pb = bc.data_ptr<float>();
-  float* pc = c.data_ptr<float>();
-  const int64_t ldb = base.stride(0);
-  at::parallel_for(0, P, narrow_grain(k * m), [&](int64_t s, int64_t e) {
-    detail::narrow_add_mm(pbase + s * ldb, ldb, pa + s * k, pb, pc + s * m, m, e - s, k, m);
-  });
-  return c;
+  if (!narrow_operand(base, true) || !narrow_operand(a)) return at::addmm(base, a, b);  // no output for nothing
+  Tensor c = at::empty(base.sizes(), base.options());
+  return narrow_add_mm(c, base, a, b) ? c : at::addmm(base, a, b);
 }
 
 // t [N, C, H, W] as rows [N H W, C]: a view where t is channels-last, else a copy.

@@ -158,7 +158,7 @@ FLORA_INLINE void addmm_row_block(const float* a, const float* b, float* c, int6
   int64_t col = 0;
   for (; col + 2 * V::L <= m; col += 2 * V::L) addmm_block<V, R, 2>(a, b + col, c + col, ldc, k, m, at(col), ldb);
   for (; col + V::L <= m; col += V::L) addmm_block<V, R, 1>(a, b + col, c + col, ldc, k, m, at(col), ldb);
-  if (V::L > 8)
+  if constexpr (V::L > 8)
     for (; col + 8 <= m; col += 8) addmm_block<V8, R, 1>(a, b + col, c + col, ldc, k, m, at(col), ldb);
   for (; col < m; ++col)
     for (int r = 0; r < R; ++r) {
@@ -171,9 +171,11 @@ FLORA_INLINE void addmm_row_block(const float* a, const float* b, float* c, int6
 // n narrow: 16 and 32 as whole 16-lane vectors where V has them; 8 and 24 on 8-lane ones.
 template <class V>
 FLORA_INLINE void mm_any(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t k, int64_t n) {
-  if (V::L == 16 && n % 16 == 0) {
-    if (n == 16) return mm_rows<V, 1>(a, lda, b, c, rows, k);
-    return mm_rows<V, 2>(a, lda, b, c, rows, k);
+  if constexpr (V::L == 16) {
+    if (n % 16 == 0) {
+      if (n == 16) return mm_rows<V, 1>(a, lda, b, c, rows, k);
+      return mm_rows<V, 2>(a, lda, b, c, rows, k);
+    }
   }
   switch (n / 8) {
     case 1: return mm_rows<V8, 1>(a, lda, b, c, rows, k);
@@ -186,9 +188,11 @@ FLORA_INLINE void mm_any(const float* a, int64_t lda, const float* b, float* c, 
 template <class V>
 FLORA_INLINE void tmm_any(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t i0, int64_t i1,
                           int64_t n) {
-  if (V::L == 16 && n % 16 == 0) {
-    if (n == 16) return tmm_rows<V, 1>(a, lda, b, c, rows, i0, i1);
-    return tmm_rows<V, 2>(a, lda, b, c, rows, i0, i1);
+  if constexpr (V::L == 16) {
+    if (n % 16 == 0) {
+      if (n == 16) return tmm_rows<V, 1>(a, lda, b, c, rows, i0, i1);
+      return tmm_rows<V, 2>(a, lda, b, c, rows, i0, i1);
+    }
   }
   switch (n / 8) {
     case 1: return tmm_rows<V8, 1>(a, lda, b, c, rows, i0, i1);
