@@ -7,6 +7,7 @@
 #include "flora/detail/narrow_gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -239,7 +240,15 @@ FLORA_AVX512 void addmm_avx512(const float* a, const float* b, float* c, int64_t
 }
 #endif
 
+// One count per kernel entry (relaxed: the tests read them after the threads joined).
+std::atomic<uint64_t> g_mm{0}, g_tmm{0}, g_add{0};
+
 }  // namespace
+
+NarrowCalls narrow_calls() {
+  return {g_mm.load(std::memory_order_relaxed), g_tmm.load(std::memory_order_relaxed),
+          g_add.load(std::memory_order_relaxed)};
+}
 
 bool avx2_fma_enabled() {
 #if FLORA_NARROW_X86
@@ -261,6 +270,7 @@ bool avx512_enabled() {
 }
 
 void narrow_mm(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t k, int64_t n) {
+  g_mm.fetch_add(1, std::memory_order_relaxed);
 #if FLORA_NARROW_X86
   if (avx512_enabled()) return mm_avx512(a, lda, b, c, rows, k, n);
   if (avx2_fma_enabled()) return mm_avx2(a, lda, b, c, rows, k, n);
@@ -269,6 +279,7 @@ void narrow_mm(const float* a, int64_t lda, const float* b, float* c, int64_t ro
 }
 
 void narrow_tmm(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t i0, int64_t i1, int64_t n) {
+  g_tmm.fetch_add(1, std::memory_order_relaxed);
 #if FLORA_NARROW_X86
   if (avx512_enabled()) return tmm_avx512(a, lda, b, c, rows, i0, i1, n);
   if (avx2_fma_enabled()) return tmm_avx2(a, lda, b, c, rows, i0, i1, n);
@@ -283,6 +294,7 @@ void narrow_wide_mm(const float* a, const float* b, float* c, int64_t ldc, int64
 
 void narrow_add_mm(const float* base, int64_t ldb, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
                    int64_t k, int64_t m) {
+  g_add.fetch_add(1, std::memory_order_relaxed);
 #if FLORA_NARROW_X86
   if (avx512_enabled()) return addmm_avx512(a, b, c, ldc, rows, k, m, base, ldb);
   if (avx2_fma_enabled()) return addmm_avx2(a, b, c, ldc, rows, k, m, base, ldb);

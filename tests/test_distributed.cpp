@@ -4,9 +4,14 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <map>
 #include <set>
-#include <unistd.h>
+#include <stdexcept>
 
 #include <chrono>
 #include <thread>
@@ -19,6 +24,21 @@
 using flora_test::max_abs_diff;
 
 namespace {
+
+// A loopback port nobody listens on now: the kernel's choice for port 0. A fixed or pid-derived
+// port could be taken by another process, or by ctest's other entries running this binary.
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  const bool ok = fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
+                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
+  if (fd >= 0) ::close(fd);
+  if (!ok) throw std::runtime_error("free_port: no loopback port to bind");
+  return ntohs(a.sin_port);
+}
 
 std::map<std::string, std::string> g_env;
 const char* fake_env(const char* name) {
@@ -168,7 +188,7 @@ TEST(Distributed, GradientReducerAveragesOverGlooRanks) {
   std::vector<double> control_sum(world);
   std::vector<std::string> errors(world);
   std::vector<int64_t> buckets(world), overlapped(world);
-  const int port = 29000 + static_cast<int>(::getpid() % 2000);
+  const int port = free_port();
   torch::manual_seed(100);
   const std::vector<std::vector<torch::Tensor>> data{{torch::randn({3, 4}, torch::kFloat64), torch::randn({3, 4}, torch::kFloat64)},
                                                      {torch::randn({3, 4}, torch::kFloat64), torch::randn({3, 4}, torch::kFloat64)}};
@@ -222,7 +242,7 @@ TEST(Distributed, ConnectErrorsAreBoundedAndNamed) {
   flora::dist::Launch l;
   l.rank = 1;  // rank 0 never comes
   l.world_size = 2;
-  l.master_port = 29000 + static_cast<int>((::getpid() + 1000) % 2000);
+  l.master_port = free_port();
   const auto t0 = std::chrono::steady_clock::now();
   try {
     flora::dist::Group::connect(l, 1.0);

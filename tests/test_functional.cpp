@@ -599,6 +599,7 @@ TEST(NarrowGemm, FusedAndHybridConvInFloatMatchTheDoubleOpChain) {
     const auto want = torch::autograd::grad({ref}, wrt64, {probe}, true);
     for (const bool hybrid : {false, true}) {
       const std::string name = c.name + (hybrid ? " (hybrid)" : " (fused)");
+      const auto before = flora::detail::narrow_calls();
       const Tensor y = hybrid ? F::hybrid_conv(x, w, {}, core, factors, 0.7, c.geo)
                               : F::fused_factorized_conv(x, w, {}, core, factors, 0.7, c.geo);
       ASSERT_EQ(y.sizes(), ref.sizes()) << name;
@@ -607,7 +608,39 @@ TEST(NarrowGemm, FusedAndHybridConvInFloatMatchTheDoubleOpChain) {
       for (size_t i = 0; i < got.size(); ++i)
         EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5)
             << name << " gradient " << i;
+      // The figures above came from the kernels (every product kind entered), or, without AVX2,
+      // from LibTorch alone.
+      const auto after = flora::detail::narrow_calls();
+      const bool kernels = flora::detail::avx2_fma_enabled();
+      EXPECT_EQ(after.mm > before.mm, kernels) << name << ": x U_in or gy U_out";
+      EXPECT_EQ(after.tmm > before.tmm, kernels) << name << ": a factor's gradient";
+      EXPECT_EQ(after.add > before.add, kernels) << name << (hybrid ? ": the merged weight" : ": the update added");
     }
+  }
+}
+
+TEST(NarrowGemm, TheHybridNodesOneByOneStepsLeaveTheKernelsAbove2To20Elements) {
+  // flora::narrow_hybrid_steps: at larger maps the hybrid node's four 1x1 steps run as oneDNN
+  // convs (faster there, docs/PERFORMANCE.md session 20); its merged weight stays on the kernels.
+  const F::ConvGeometry geo{{1, 1}, {1, 1}, {1, 1}, 1, F::PaddingMode::Zeros};
+  const auto cl = torch::MemoryFormat::ChannelsLast;
+  for (const int64_t width : {64, 130}) {  // 4 x 16 x 128 x width elements: 524,288 and 1,064,960
+    const auto x = torch::randn({4, 16, 128, width}).contiguous(cl).requires_grad_(true);
+    const auto w = (torch::randn({16, 16, 3, 3}) * 0.1).contiguous(cl);
+    auto core = torch::randn({16, 16, 2, 2}).requires_grad_(true);
+    std::vector<Tensor> factors;
+    for (const int64_t n : {16, 16, 3, 3}) factors.push_back((torch::randn({n, n == 3 ? 2 : 16}) * 0.3).requires_grad_(true));
+    const bool small = x.numel() <= (int64_t{1} << 20);
+    ASSERT_EQ(flora::narrow_hybrid_steps(static_cast<double>(x.numel())), small);
+    const auto before = flora::detail::narrow_calls();
+    F::hybrid_conv(x, w, {}, core, factors, 0.7, geo).sum().backward();
+    const auto after = flora::detail::narrow_calls();
+    const bool kernels = flora::detail::avx2_fma_enabled();
+    const std::string name = "width " + std::to_string(width);
+    EXPECT_EQ(after.mm > before.mm, kernels && small) << name;
+    EXPECT_EQ(after.tmm > before.tmm, kernels && small) << name;
+    EXPECT_EQ(after.add > before.add, kernels) << name;
+    for (const auto& f : factors) EXPECT_GT(f.grad().abs().max().item<double>(), 0) << name;
   }
 }
 

@@ -19,6 +19,9 @@ fi
 work=$out/corpus
 mkdir -p "$work"
 cp -n "$root"/tests/fuzz/corpus/* "$work"/ 2>/dev/null || true
-# Leaks are not the target here (LibTorch's static registries look like leaks to LSan).
-ASAN_OPTIONS=detect_leaks=0 "$bin" -max_total_time="$seconds" -max_len=4096 -print_final_stats=1 "$work" 2>&1 | tail -12
-echo "fuzz: ${seconds}s without a crash"
+# Leaks are not the target here (LibTorch's static registries look like leaks to LSan). A fixed
+# seed makes a red run reproducible (the same inputs in the same order, up to where the time ran
+# out); FLORA_FUZZ_SEED=<n> explores elsewhere.
+seed=${FLORA_FUZZ_SEED:-1}
+ASAN_OPTIONS=detect_leaks=0 "$bin" -seed="$seed" -max_total_time="$seconds" -max_len=4096 -print_final_stats=1 "$work" 2>&1 | tail -12
+echo "fuzz: ${seconds}s (seed $seed) without a crash"

@@ -23,6 +23,14 @@ bool avx2_fma_enabled();
 /// AVX-512F CPU and FLORA_NO_AVX512 unset. The AVX2 + FMA copy runs otherwise.
 bool avx512_enabled();
 
+/// How many times each kernel has been entered in this process (narrow_wide_mm counts as
+/// narrow_add_mm; a parallel caller enters once per thread's share of rows). The tests read these
+/// to prove a path ran on the kernels rather than on LibTorch's GEMM or convolutions.
+struct NarrowCalls {
+  uint64_t mm = 0, tmm = 0, add = 0;
+};
+NarrowCalls narrow_calls();
+
 /// The widths the narrow side may have: 8, 16, 24 or 32.
 inline bool narrow_width(int64_t n) { return n >= 8 && n <= 32 && n % 8 == 0; }
 
