@@ -1,7 +1,7 @@
-// Session 19's prototype measurements (docs/PERFORMANCE.md, "Session 19"), kept so the figures
-// there can be reproduced. Not part of the CMake build (it calls flora::functional and
-// flora::detail directly, forcing paths the module would not pick); build it against a built
-// libflora.a:
+// Sessions 19 and 21's prototype measurements (docs/PERFORMANCE.md, "Session 19" and
+// "Session 21"), kept so the figures there can be reproduced. Not part of the CMake build (it
+// calls flora::functional and flora::detail directly, forcing paths the module would not pick);
+// build it against a built libflora.a:
 //
 //   g++ -O2 -fopenmp -std=gnu++17 -D_GLIBCXX_USE_CXX11_ABI=1 -isystem /usr/include/torch/csrc/api/include \
 //     -Iinclude bench/paths_proto.cpp -o /tmp/paths_proto build/libflora.a \
@@ -10,6 +10,7 @@
 //   /tmp/paths_proto paths    # each 2-d conv path forced, per shape: variant / frozen, 30 interleaved rounds
 //   /tmp/paths_proto gemm     # the narrow GEMMs against at::mm, hot, microseconds
 //   FLORA_NO_AVX2=1 /tmp/paths_proto paths   # the same without the narrow GEMMs
+//   /tmp/paths_proto after   # session 21: a 16-channel step after the frozen convs against alone
 #include <torch/torch.h>
 
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -134,6 +136,64 @@ void gemm() {
   }
 }
 
+// Session 21: how much slower the hybrid node's memory-heavy small steps run right after the
+// frozen layer's two convs (forward, input gradient) than repeated alone, at 64/56 and 128/28
+// (channels-last, batch 16, median of 20 rounds in microseconds). Each row runs something first,
+// then times one step: x U_in by oneDNN's 1x1 conv, the same by narrow_mm, or a plain read of x.
+void after() {
+  torch::NoGradGuard no_grad;
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const std::vector<int64_t> one{1, 1}, zero{0, 0};
+  for (const int64_t C : {64, 128}) {
+    const int64_t H = 56 * 64 / C, P = 16 * H * H;
+    const Tensor x = torch::randn({16, C, H, H}).contiguous(cl), gy = torch::randn({16, C, H, H}).contiguous(cl);
+    const Tensor w = (torch::randn({C, C, 3, 3}) * 0.05).contiguous(cl), u = torch::randn({C, 16});
+    const Tensor w1 = u.t().reshape({16, C, 1, 1}).contiguous(cl);
+    const Tensor src = torch::randn({1 << 24}), dst = torch::empty({1 << 24});
+    Tensor rows = torch::empty({P, 16});
+    auto convs = [&] {
+      const Tensor y = at::convolution(x, w, {}, one, one, one, false, zero, 1);
+      at::convolution_backward(gy, x, w, c10::nullopt, one, one, one, false, zero, 1, {true, false, false});
+    };
+    const std::vector<std::pair<const char*, std::function<void()>>> steps{
+        {"oneDNN 1x1 x U_in", [&] { at::convolution(x, w1, {}, one, zero, one, false, zero, 1); }},
+        {"narrow_mm x U_in", [&] {
+           at::parallel_for(0, P, 256, [&](int64_t s, int64_t e) {
+             flora::detail::narrow_mm(x.data_ptr<float>() + s * C, C, u.data_ptr<float>(), rows.data_ptr<float>() + s * 16,
+                                      e - s, C, 16);
+           });
+         }},
+        {"read x (sum)", [&] { x.sum().item<float>(); }}};
+    const std::vector<std::pair<const char*, std::function<void(const std::function<void()>&)>>> before{
+        {"alone (after itself)", [](const std::function<void()>& f) { f(); }},
+        {"after the convs", [&](const std::function<void()>&) { convs(); }},
+        {"after the convs, x read", [&](const std::function<void()>&) { convs(); x.sum().item<float>(); }},
+        {"after the convs and itself", [&](const std::function<void()>& f) { convs(); f(); }},
+        {"after the convs, 3 ms asleep", [&](const std::function<void()>&) {
+           convs();
+           std::this_thread::sleep_for(std::chrono::milliseconds(3));
+         }},
+        {"after copying 64 MB", [&](const std::function<void()>&) {
+           std::memcpy(dst.data_ptr<float>(), src.data_ptr<float>(), sizeof(float) << 24);
+         }}};
+    std::printf("%lld ch %lldx%lld:\n", static_cast<long long>(C), static_cast<long long>(H), static_cast<long long>(H));
+    for (const auto& [bname, b] : before) {
+      std::printf("  %-30s", bname);
+      for (const auto& [sname, f] : steps) {
+        std::vector<double> v;
+        for (int i = 0; i < 25; ++i) {
+          b(f);
+          const double t0 = now();
+          f();
+          if (i >= 5) v.push_back((now() - t0) * 1e6);
+        }
+        std::printf("  %s %6.0f", sname, median(v));
+      }
+      std::printf("\n");
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -141,6 +201,7 @@ int main(int argc, char** argv) {
   flora::configure_allocator();
   const char* what = argc > 1 ? argv[1] : "paths";
   if (std::strcmp(what, "gemm") == 0) gemm();
+  else if (std::strcmp(what, "after") == 0) after();
   else paths();
   return 0;
 }

@@ -1457,20 +1457,24 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
       return r.view({like.size(0), like.size(2), like.size(3), r.size(1)}).permute({0, 3, 1, 2});
     };
     const Tensor w_in = u_in.defined() ? pointwise(u_in.t(), d) : Tensor();   // [r_1, in, 1...]
-    const Tensor xp = !u_in.defined() ? x : rows ? as_map(narrow_mm(pixel_rows(x), u_in), x) : conv_nd(x, w_in, {}, one);
+    // gy's steps first: the input-gradient conv above has just read gy, so it is still in cache
+    // (after the frozen convs, x and gy otherwise come from DRAM at about half the speed; the
+    // node's step 0.001 to 0.014 faster at 128/28 and 64/56 than projecting x first,
+    // docs/PERFORMANCE.md session 21).
     const Tensor gp = !u_out.defined() ? gy
                       : rows          ? as_map(narrow_mm(pixel_rows(gy), u_out), gy)
                                       : conv_nd(gy, pointwise(u_out.t(), d), {}, one);
+    const Tensor xp = !u_in.defined() ? x : rows ? as_map(narrow_mm(pixel_rows(x), u_in), x) : conv_nd(x, w_in, {}, one);
+    if (want_out) {
+      const Tensor zc = conv_nd(xp, k, {}, geo);
+      out[4] = rows ? narrow_tmm(pixel_rows(gy), pixel_rows(zc))
+                    : std::get<1>(conv_grads(gy, zc, pointwise(u_out, d), one, false, true)).view(u_out.sizes());
+    }
     Tensor gxp;
     if (want_k || want_in) {
       auto r = conv_grads(gp, xp, k, geo, want_in, want_k);
       gxp = std::get<0>(r);
       out[3] = std::get<1>(r);
-    }
-    if (want_out) {
-      const Tensor zc = conv_nd(xp, k, {}, geo);
-      out[4] = rows ? narrow_tmm(pixel_rows(gy), pixel_rows(zc))
-                    : std::get<1>(conv_grads(gy, zc, pointwise(u_out, d), one, false, true)).view(u_out.sizes());
     }
     if (want_in)
       out[5] = rows ? narrow_tmm(pixel_rows(x), pixel_rows(gxp))
