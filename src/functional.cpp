@@ -1325,6 +1325,31 @@ Tensor narrow_tmm(const Tensor& a, const Tensor& b) {
   return c;
 }
 
+// x u into xu and x^T g, in one pass over x (detail::narrow_mm_tmm): x [P, C] with unit column
+// stride, u [C, r], g [P, r], xu [P, r] contiguous, r narrow. The rows are split over the threads,
+// each adding its share of x^T g into a partial sum of its own. Returns x^T g [C, r], or an
+// undefined tensor where the kernels do not apply (nothing written then).
+Tensor narrow_mm_tmm(const Tensor& x, const Tensor& u, const Tensor& g, Tensor& xu) {
+  if (!narrow_operand(x, true) || !narrow_operand(u) || !narrow_operand(g) || !narrow_operand(xu) ||
+      !xu.is_contiguous() || !detail::narrow_width(u.size(1)) || u.size(0) != x.size(1) ||
+      g.sizes() != xu.sizes() || xu.size(0) != x.size(0) || xu.size(1) != u.size(1))
+    return {};
+  const int64_t P = x.size(0), C = x.size(1), r = u.size(1), lda = x.stride(0);
+  const Tensor uc = u.contiguous(), gc = g.contiguous();
+  Tensor partial = at::zeros({at::get_num_threads(), C, r}, x.options());
+  const float* px = x.data_ptr<float>();
+  const float* pu = uc.data_ptr<float>();
+  const float* pg = gc.data_ptr<float>();
+  float* pxu = xu.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, P, narrow_grain(2 * C * r), [&](int64_t s, int64_t e) {
+    std::vector<float> scratch(static_cast<size_t>(C * r));
+    detail::narrow_mm_tmm(px + s * lda, lda, pu, pg + s * r, pxu + s * r, pp + at::get_thread_num() * C * r,
+                          scratch.data(), e - s, C, r);
+  });
+  return partial.sum(0);
+}
+
 // c = base + a b for c [P, m] (unit column stride), a [P, k] with k narrow (at most 32), b [k, m],
 // base undefined (no base term), c itself (accumulate in place) or another [P, m] tensor with
 // unit column stride: written into c's memory. False where the kernels do not apply (the caller
@@ -1464,19 +1489,40 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     const Tensor gp = !u_out.defined() ? gy
                       : rows          ? as_map(narrow_mm(pixel_rows(gy), u_out), gy)
                                       : conv_nd(gy, pointwise(u_out.t(), d), {}, one);
-    const Tensor xp = !u_in.defined() ? x : rows ? as_map(narrow_mm(pixel_rows(x), u_in), x) : conv_nd(x, w_in, {}, one);
+    // x's two products in one pass over x (narrow_mm_tmm: the core's input gradient first, then
+    // x U_in and x^T gxp chunk by chunk) where the kernels apply, x's rows are a view and x has
+    // at least 2^18 elements: in-process A/B against the two apart, 64/56 0.008 to 0.026
+    // faster, 128/28 up to 0.012, 64/16 0.008 to 0.018; below (256/4, 128/8) level to 0.05
+    // slower, the partial sums and the core's split gradients costing more than the pass saves
+    // (docs/PERFORMANCE.md, session 21).
+    constexpr double kOneXPassElements = 262144.0;
+    const bool one_x_pass = want_in && d == 2 && narrow_ranks(x, 0, u_in.size(1)) &&
+                            static_cast<double>(x.numel()) >= kOneXPassElements &&
+                            (rows || x.is_contiguous(at::MemoryFormat::ChannelsLast));
+    Tensor xp, gxp;
+    if (one_x_pass) {
+      Tensor xp_rows = at::empty({x.size(0) * x.size(2) * x.size(3), u_in.size(1)}, x.options());
+      xp = as_map(xp_rows, x);  // its values are not read by the input gradient, only its shape
+      gxp = std::get<0>(conv_grads(gp, xp, k, geo, true, false));
+      out[5] = narrow_mm_tmm(pixel_rows(x), u_in, pixel_rows(gxp), xp_rows);
+      if (!out[5].defined()) {  // operands the kernels refuse: the two products apart
+        xp_rows.copy_(narrow_mm(pixel_rows(x), u_in));
+        out[5] = narrow_tmm(pixel_rows(x), pixel_rows(gxp));
+      }
+    } else {
+      xp = !u_in.defined() ? x : rows ? as_map(narrow_mm(pixel_rows(x), u_in), x) : conv_nd(x, w_in, {}, one);
+    }
     if (want_out) {
       const Tensor zc = conv_nd(xp, k, {}, geo);
       out[4] = rows ? narrow_tmm(pixel_rows(gy), pixel_rows(zc))
                     : std::get<1>(conv_grads(gy, zc, pointwise(u_out, d), one, false, true)).view(u_out.sizes());
     }
-    Tensor gxp;
-    if (want_k || want_in) {
-      auto r = conv_grads(gp, xp, k, geo, want_in, want_k);
-      gxp = std::get<0>(r);
+    if (want_k || (want_in && !one_x_pass)) {
+      auto r = conv_grads(gp, xp, k, geo, want_in && !one_x_pass, want_k);
+      if (!one_x_pass) gxp = std::get<0>(r);
       out[3] = std::get<1>(r);
     }
-    if (want_in)
+    if (want_in && !one_x_pass)
       out[5] = rows ? narrow_tmm(pixel_rows(x), pixel_rows(gxp))
                     : std::get<1>(conv_grads(gxp, x, w_in, one, false, true)).view({u_in.size(1), u_in.size(0)}).t();
     return out;

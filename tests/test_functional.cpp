@@ -615,32 +615,49 @@ TEST(NarrowGemm, FusedAndHybridConvInFloatMatchTheDoubleOpChain) {
       EXPECT_EQ(after.mm > before.mm, kernels) << name << ": x U_in or gy U_out";
       EXPECT_EQ(after.tmm > before.tmm, kernels) << name << ": a factor's gradient";
       EXPECT_EQ(after.add > before.add, kernels) << name << (hybrid ? ": the merged weight" : ": the update added");
+      EXPECT_EQ(after.pair, before.pair) << name << ": below 2^18 elements of x its two products run apart";
     }
   }
 }
 
-TEST(NarrowGemm, TheHybridNodesOneByOneStepsLeaveTheKernelsAbove2To20Elements) {
-  // flora::narrow_hybrid_steps: at larger maps the hybrid node's four 1x1 steps run as oneDNN
-  // convs (faster there, docs/PERFORMANCE.md session 20); its merged weight stays on the kernels.
+TEST(NarrowGemm, TheHybridNodeGivesGysStepsToOneDnnAbove2To20ElementsAndKeepsXsOnePass) {
+  // flora::narrow_hybrid_steps: at larger maps the hybrid node's steps on gy (gy U_out and
+  // U_out's gradient) run as oneDNN 1x1 convs (faster there, docs/PERFORMANCE.md session 20); x's
+  // two products stay on the kernels in one pass (session 21), as does the merged weight. Both
+  // sides of the line must equal the float64 op chain.
   const F::ConvGeometry geo{{1, 1}, {1, 1}, {1, 1}, 1, F::PaddingMode::Zeros};
   const auto cl = torch::MemoryFormat::ChannelsLast;
   for (const int64_t width : {64, 130}) {  // 4 x 16 x 128 x width elements: 524,288 and 1,064,960
     const auto x = torch::randn({4, 16, 128, width}).contiguous(cl).requires_grad_(true);
     const auto w = (torch::randn({16, 16, 3, 3}) * 0.1).contiguous(cl);
     auto core = torch::randn({16, 16, 2, 2}).requires_grad_(true);
-    std::vector<Tensor> factors;
-    for (const int64_t n : {16, 16, 3, 3}) factors.push_back((torch::randn({n, n == 3 ? 2 : 16}) * 0.3).requires_grad_(true));
+    std::vector<Tensor> factors, wrt{x, core};
+    for (const int64_t n : {16, 16, 3, 3}) {
+      factors.push_back((torch::randn({n, n == 3 ? 2 : 16}) * 0.3).requires_grad_(true));
+      wrt.push_back(factors.back());
+    }
     const bool small = x.numel() <= (int64_t{1} << 20);
     ASSERT_EQ(flora::narrow_hybrid_steps(static_cast<double>(x.numel())), small);
-    const auto before = flora::detail::narrow_calls();
-    F::hybrid_conv(x, w, {}, core, factors, 0.7, geo).sum().backward();
-    const auto after = flora::detail::narrow_calls();
-    const bool kernels = flora::detail::avx2_fma_enabled();
+    std::vector<Tensor> wrt64, f64;
+    for (const auto& t : wrt) wrt64.push_back(t.detach().to(torch::kFloat64).requires_grad_(true));
+    f64.assign(wrt64.begin() + 2, wrt64.end());
+    const Tensor ref = F::conv_nd(wrt64[0], w.to(torch::kFloat64), {}, geo) + F::conv_branch(wrt64[0], wrt64[1], f64, 0.7, geo);
+    const Tensor probe = torch::randn_like(ref).contiguous(cl);
+    const auto want = torch::autograd::grad({ref}, wrt64, {probe});
     const std::string name = "width " + std::to_string(width);
-    EXPECT_EQ(after.mm > before.mm, kernels && small) << name;
-    EXPECT_EQ(after.tmm > before.tmm, kernels && small) << name;
-    EXPECT_EQ(after.add > before.add, kernels) << name;
-    for (const auto& f : factors) EXPECT_GT(f.grad().abs().max().item<double>(), 0) << name;
+    const auto before = flora::detail::narrow_calls();
+    const Tensor y = F::hybrid_conv(x, w, {}, core, factors, 0.7, geo);
+    const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
+    const auto after = flora::detail::narrow_calls();
+    EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5) << name;
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5)
+          << name << " gradient " << i;
+    const bool kernels = flora::detail::avx2_fma_enabled();
+    EXPECT_EQ(after.mm > before.mm, kernels && small) << name << ": gy U_out";
+    EXPECT_EQ(after.tmm > before.tmm, kernels && small) << name << ": U_out's gradient";
+    EXPECT_EQ(after.pair > before.pair, kernels) << name << ": x U_in and U_in's gradient";
+    EXPECT_EQ(after.add > before.add, kernels) << name << ": the merged weight";
   }
 }
 
@@ -651,7 +668,8 @@ TEST(NarrowGemm, TheHybridNodesOneByOneStepsLeaveTheKernelsAbove2To20Elements) {
 // a separate base.
 struct NarrowCase {
   std::string name;
-  char op;  ///< 'm': a b; 't': a^T b over rows [i0, i1); 'w': a b into c; 'a': c += a b; 'b': c = base + a b
+  char op;  ///< 'm': a b; 't': a^T b over rows [i0, i1); 'w': a b into c; 'a': c += a b; 'b': c = base + a b;
+            ///< 'p': a b and acc += a^T g in one pass
   int64_t rows, k, n, pad = 0, i0 = 0, i1 = -1;
 };
 
@@ -679,6 +697,17 @@ TEST_P(NarrowGemmBattery, EqualsTheDoubleProduct) {
     EXPECT_LE(max_abs_diff(out.narrow(0, c.i0, i1 - c.i0).to(torch::kFloat64), ref), tol * (1 + largest(ref))) << c.name;
     const int64_t untouched = out.numel() - (i1 - c.i0) * c.n;
     EXPECT_EQ(out.eq(sentinel).sum().item<int64_t>(), untouched) << c.name << ": rows outside [i0, i1) are left alone";
+  } else if (c.op == 'p') {  // a [rows, k] with row stride k + pad, u [k, n], g [rows, n]: c = a u, acc += a^T g
+    const Tensor a = torch::randn({c.rows, c.k + c.pad}).narrow(1, 0, c.k), u = torch::randn({c.k, c.n});
+    const Tensor g = torch::randn({c.rows, c.n}), acc_before = torch::randn({c.k, c.n});
+    Tensor out = torch::full({c.rows, c.n}, sentinel), acc = acc_before.clone();
+    std::vector<float> scratch(static_cast<size_t>(c.k * c.n), sentinel);
+    D::narrow_mm_tmm(a.data_ptr<float>(), a.stride(0), u.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<float>(),
+                     acc.data_ptr<float>(), scratch.data(), c.rows, c.k, c.n);
+    const Tensor a64 = a.to(torch::kFloat64);
+    const Tensor ref = a64.mm(u.to(torch::kFloat64)), ref_acc = acc_before.to(torch::kFloat64) + a64.t().mm(g.to(torch::kFloat64));
+    if (c.rows) EXPECT_LE(max_abs_diff(out.to(torch::kFloat64), ref), tol * (1 + largest(ref))) << c.name << ": a u";
+    EXPECT_LE(max_abs_diff(acc.to(torch::kFloat64), ref_acc), tol * (1 + largest(ref_acc))) << c.name << ": acc + a^T g";
   } else if (c.op == 'b') {  // c [rows, n] = base + a b, base with row stride n + pad, left untouched
     const Tensor a = torch::randn({c.rows, c.k}), b = torch::randn({c.k, c.n});
     const Tensor base = torch::randn({c.rows, c.n + c.pad}), before = base.clone();
@@ -738,6 +767,13 @@ std::vector<NarrowCase> narrow_cases() {
       {"add_base_m27_rows13_strided", 'b', 13, 16, 27, 3},
       {"add_base_merged_weight_128", 'b', 128, 16, 1152},
       {"add_base_k24_m40", 'b', 5, 24, 40, 1},
+      // a u and acc += a^T g in one pass, by chunks of 256 rows: a tail chunk, chunk edges
+      {"pair_width16_three_chunks_strided", 'p', 600, 64, 16, 3},
+      {"pair_width8_one_short_chunk", 'p', 255, 13, 8},
+      {"pair_width32_chunk_edge_plus_one", 'p', 257, 40, 32},
+      {"pair_width24_exactly_one_chunk", 'p', 256, 7, 24, 1},
+      {"pair_no_rows_leaves_acc", 'p', 0, 9, 16},
+      {"pair_resnet_layer1_x_pass", 'p', 3136, 64, 16},
   };
 }
 

@@ -248,11 +248,13 @@ bool hybrid_folds_input(int64_t in_channels, int64_t r_in, int64_t r_out, int64_
 /// docs/PERFORMANCE.md, "Session 18" and "Session 19".
 bool fuse_factorized_conv(double window_elements, bool narrow_kernels = false);
 
-/// Whether the hybrid conv path's 1x1 steps (x U_in, gy U_out and the two factors' gradients)
-/// run as the narrow GEMMs on the pixels' channel rows rather than as oneDNN 1x1 convs, where
-/// those kernels apply (CPU float32, ranks 8 to 32, AVX2 + FMA): where the larger of the
-/// layer's (padded) input and output gradient has at most 2^20 elements (4 MiB of float32). Above that they
-/// stream from memory and oneDNN's convs were faster (docs/PERFORMANCE.md, "Session 19").
+/// Whether the hybrid conv path's 1x1 steps run as the narrow GEMMs on the pixels' channel rows
+/// rather than as oneDNN 1x1 convs, where those kernels apply (CPU float32, ranks 8 to 32, AVX2
+/// + FMA): where the larger of the layer's (padded) input and output gradient has at most 2^20
+/// elements (4 MiB of float32). Above that the steps on gy (gy U_out, U_out's gradient) stream
+/// from memory and oneDNN's convs were faster (docs/PERFORMANCE.md, "Session 19"). x's two
+/// (x U_in, U_in's gradient) run as one narrow pass over x from 2^18 elements of x at any size
+/// where x is channels-last (session 21); below 2^18 they follow this line too.
 bool narrow_hybrid_steps(double activation_elements);
 
 /// True when ConvPath::Separable applies to the target: a 2-d conv ([out, in/groups, kh, kw])

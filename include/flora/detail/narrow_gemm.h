@@ -4,7 +4,8 @@
 // [pixels, r] x [r, channels] update added in place. OpenBLAS 0.3.21 runs them at 30 to 70
 // GFLOP/s on 2 cores; these register-blocked loops reach about 100 GFLOP/s per core (AVX2 + FMA),
 // 1.2 to 1.5x that with their AVX-512 copy. The hybrid node's merged weight W0 + U_out T is the
-// wide product with a separate base (narrow_add_mm).
+// wide product with a separate base (narrow_add_mm), and its x U_in and x^T gxp one pass over x
+// (narrow_mm_tmm).
 // No LibTorch here: callers split the rows over threads and check shapes; these only compute.
 #pragma once
 
@@ -27,7 +28,7 @@ bool avx512_enabled();
 /// narrow_add_mm; a parallel caller enters once per thread's share of rows). The tests read these
 /// to prove a path ran on the kernels rather than on LibTorch's GEMM or convolutions.
 struct NarrowCalls {
-  uint64_t mm = 0, tmm = 0, add = 0;
+  uint64_t mm = 0, tmm = 0, add = 0, pair = 0;  ///< pair: narrow_mm_tmm
 };
 NarrowCalls narrow_calls();
 
@@ -41,6 +42,15 @@ void narrow_mm(const float* a, int64_t lda, const float* b, float* c, int64_t ro
 /// c[i, :n] = sum_p a[p, i] b[p, :n] for i in [i0, i1): a^T b for a [rows, *] with row stride
 /// lda, b contiguous [rows, n]; c contiguous with rows of n, only rows i0 to i1 written.
 void narrow_tmm(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t i0, int64_t i1, int64_t n);
+
+/// Both products of one pass over a (the hybrid node's x U_in and U_in's gradient x^T gxp):
+/// c[p, :n] = a[p, :k] u[:k, :n] for p < rows, as narrow_mm, and acc[i, :n] += sum_p a[p, i]
+/// g[p, :n] for i < k, as narrow_tmm over all of a's columns, added. Walks the rows in chunks
+/// that stay in cache between the two, so a is read from memory once, not twice. a has row
+/// stride lda (unit column stride); u [k, n], g [rows, n], c [rows, n] and acc [k, n] are
+/// contiguous; scratch holds k n floats; n a narrow width.
+void narrow_mm_tmm(const float* a, int64_t lda, const float* u, const float* g, float* c, float* acc, float* scratch,
+                   int64_t rows, int64_t k, int64_t n);
 
 /// c[p, :m] = a[p, :k] b[:k, :m] for p < rows, added to c's values where accumulate: a
 /// contiguous [rows, k] (k small: the narrow side), b contiguous [k, m], c with row stride ldc
