@@ -1496,33 +1496,31 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     // slower, the partial sums and the core's split gradients costing more than the pass saves
     // (docs/PERFORMANCE.md, session 21).
     constexpr double kOneXPassElements = 262144.0;
-    const bool one_x_pass = want_in && d == 2 && narrow_ranks(x, 0, u_in.size(1)) &&
-                            static_cast<double>(x.numel()) >= kOneXPassElements &&
-                            (rows || x.is_contiguous(at::MemoryFormat::ChannelsLast));
+    bool one_x_pass = want_in && d == 2 && narrow_ranks(x, 0, u_in.size(1)) &&
+                      static_cast<double>(x.numel()) >= kOneXPassElements &&
+                      (rows || x.is_contiguous(at::MemoryFormat::ChannelsLast));
     Tensor xp, gxp;
     if (one_x_pass) {
       Tensor xp_rows = at::empty({x.size(0) * x.size(2) * x.size(3), u_in.size(1)}, x.options());
       xp = as_map(xp_rows, x);  // its values are not read by the input gradient, only its shape
       gxp = std::get<0>(conv_grads(gp, xp, k, geo, true, false));
       out[5] = narrow_mm_tmm(pixel_rows(x), u_in, pixel_rows(gxp), xp_rows);
-      if (!out[5].defined()) {  // operands the kernels refuse: the two products apart
-        xp_rows.copy_(narrow_mm(pixel_rows(x), u_in));
-        out[5] = narrow_tmm(pixel_rows(x), pixel_rows(gxp));
-      }
-    } else {
-      xp = !u_in.defined() ? x : rows ? as_map(narrow_mm(pixel_rows(x), u_in), x) : conv_nd(x, w_in, {}, one);
+      one_x_pass = out[5].defined();  // refused operands: the two products apart, below
     }
+    const bool in_apart = want_in && !one_x_pass;
+    if (!one_x_pass)
+      xp = !u_in.defined() ? x : rows ? as_map(narrow_mm(pixel_rows(x), u_in), x) : conv_nd(x, w_in, {}, one);
     if (want_out) {
       const Tensor zc = conv_nd(xp, k, {}, geo);
       out[4] = rows ? narrow_tmm(pixel_rows(gy), pixel_rows(zc))
                     : std::get<1>(conv_grads(gy, zc, pointwise(u_out, d), one, false, true)).view(u_out.sizes());
     }
-    if (want_k || (want_in && !one_x_pass)) {
-      auto r = conv_grads(gp, xp, k, geo, want_in && !one_x_pass, want_k);
-      if (!one_x_pass) gxp = std::get<0>(r);
+    if (want_k || in_apart) {
+      auto r = conv_grads(gp, xp, k, geo, in_apart, want_k);
+      if (in_apart) gxp = std::get<0>(r);
       out[3] = std::get<1>(r);
     }
-    if (want_in && !one_x_pass)
+    if (in_apart)
       out[5] = rows ? narrow_tmm(pixel_rows(x), pixel_rows(gxp))
                     : std::get<1>(conv_grads(gxp, x, w_in, one, false, true)).view({u_in.size(1), u_in.size(0)}).t();
     return out;
