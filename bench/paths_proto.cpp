@@ -1,5 +1,5 @@
-// Sessions 19 and 21's prototype measurements (docs/PERFORMANCE.md, "Session 19" and
-// "Session 21"), kept so the figures there can be reproduced. Not part of the CMake build (it
+// Sessions 19, 21 and 22's prototype measurements (docs/PERFORMANCE.md, "Session 19",
+// "Session 21" and "Session 22"), kept so the figures there can be reproduced. Not part of the CMake build (it
 // calls flora::functional and flora::detail directly, forcing paths the module would not pick);
 // build it against a built libflora.a:
 //
@@ -11,6 +11,7 @@
 //   /tmp/paths_proto gemm     # the narrow GEMMs against at::mm, hot, microseconds
 //   FLORA_NO_AVX2=1 /tmp/paths_proto paths   # the same without the narrow GEMMs
 //   /tmp/paths_proto after   # session 21: a 16-channel step after the frozen convs against alone
+//   /tmp/paths_proto planes  # session 22: NCHW 1x1 products as planes against oneDNN, hot
 #include <torch/torch.h>
 
 #include <ATen/Parallel.h>
@@ -194,6 +195,63 @@ void after() {
   }
 }
 
+// Session 22: the hybrid node's 1x1 products on NCHW maps, hot, median of 25 in microseconds,
+// batch 16, rank 16: oneDNN's 1x1 conv (projection) and 1x1 weight gradient on the NCHW map and
+// on its channels-last copy, against the kernels reading each image's [C, H W] block in place
+// (narrow_tmm for t U, narrow_mm for t^T g summed over the pixels), one image per task as the
+// library splits a batch of 16 over 2 threads.
+void planes() {
+  torch::NoGradGuard no_grad;
+  const std::vector<int64_t> one{1, 1}, zero{0, 0};
+  for (const auto& [C, H] : std::vector<std::pair<int64_t, int64_t>>{{64, 56}, {128, 28}, {256, 14}, {512, 7}}) {
+    const int64_t N = 16, r = 16, HW = H * H;
+    const Tensor x = torch::randn({N, C, H, H}), u = torch::randn({C, r}), g = torch::randn({N, r, H, H});
+    const Tensor xcl = x.contiguous(at::MemoryFormat::ChannelsLast), gcl = g.contiguous(at::MemoryFormat::ChannelsLast);
+    const Tensor w = u.t().reshape({r, C, 1, 1}).contiguous(), grows = gcl.permute({0, 2, 3, 1}).reshape({-1, r});
+    auto time_med = [](const std::function<void()>& f) {
+      std::vector<double> v;
+      for (int i = 0; i < 28; ++i) {
+        const double t0 = now();
+        f();
+        if (i >= 3) v.push_back((now() - t0) * 1e6);
+      }
+      return median(v);
+    };
+    auto wgrad = [&](const Tensor& in, const Tensor& go) {
+      at::convolution_backward(go, in, w, c10::nullopt, one, zero, one, false, zero, 1, {false, true, false});
+    };
+    Tensor rows = torch::empty({N * HW, r});
+    const double p_nchw = time_med([&] { at::convolution(x, w, {}, one, zero, one, false, zero, 1); });
+    const double p_nhwc = time_med([&] { at::convolution(xcl, w, {}, one, zero, one, false, zero, 1); });
+    const double p_planes = time_med([&] {
+      at::parallel_for(0, N, 1, [&](int64_t s, int64_t e) {
+        for (int64_t n = s; n < e; ++n)
+          flora::detail::narrow_tmm(x.data_ptr<float>() + n * C * HW, HW, u.data_ptr<float>(),
+                                    rows.data_ptr<float>() + n * HW * r, C, 0, HW, r);
+      });
+    });
+    const double w_nchw = time_med([&] { wgrad(x, g); });
+    const double w_nhwc = time_med([&] { wgrad(xcl, gcl); });
+    const double w_planes = time_med([&] {
+      Tensor partial = at::zeros({at::get_num_threads(), C, r});
+      at::parallel_for(0, N, 1, [&](int64_t s, int64_t e) {
+        std::vector<float> scratch(static_cast<size_t>(C * r));
+        float* acc = partial.data_ptr<float>() + at::get_thread_num() * C * r;
+        for (int64_t n = s; n < e; ++n) {
+          flora::detail::narrow_mm(x.data_ptr<float>() + n * C * HW, HW, grows.data_ptr<float>() + n * HW * r, scratch.data(),
+                                   C, HW, r);
+          for (int64_t i = 0; i < C * r; ++i) acc[i] += scratch[i];
+        }
+      });
+      partial.sum(0);
+    });
+    std::printf("%3lld ch %2lldx%-2lld | t U: oneDNN NCHW %5.0f  channels-last %5.0f  planes %5.0f | "
+                "t^T g: oneDNN NCHW %5.0f  channels-last %5.0f  planes %5.0f us\n",
+                static_cast<long long>(C), static_cast<long long>(H), static_cast<long long>(H), p_nchw, p_nhwc, p_planes,
+                w_nchw, w_nhwc, w_planes);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -202,6 +260,7 @@ int main(int argc, char** argv) {
   const char* what = argc > 1 ? argv[1] : "paths";
   if (std::strcmp(what, "gemm") == 0) gemm();
   else if (std::strcmp(what, "after") == 0) after();
+  else if (std::strcmp(what, "planes") == 0) planes();
   else paths();
   return 0;
 }

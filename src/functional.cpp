@@ -1350,6 +1350,81 @@ Tensor narrow_mm_tmm(const Tensor& x, const Tensor& u, const Tensor& g, Tensor& 
   return partial.sum(0);
 }
 
+// NCHW maps as planes. A contiguous t [N, C, H, W] holds each image's channels as rows of its H W
+// pixels, so t's products with a narrow factor are the same kernels with the roles swapped,
+// reading t where it lies: t U is narrow_tmm of each image's [C, H W] block against U, written as
+// pixel rows (channels-last order), and t^T g is narrow_mm of that block against g's rows, with
+// the pixels as the summed side. oneDNN's 1x1 convs reorder NCHW maps first and took 2.2 to 2.9x
+// as long at 64 to 256 channels (docs/PERFORMANCE.md, session 22).
+bool narrow_planes(const Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous() && t.scalar_type() == at::kFloat && t.device().is_cpu() &&
+         detail::avx2_fma_enabled();
+}
+
+// The planes kernels' tasks: (image, pixel range) pairs, each image cut into enough ranges that
+// every thread has work when there are fewer images than threads.
+struct PlaneTasks {
+  int64_t images, pixels, parts;
+  PlaneTasks(const Tensor& t)
+      : images(t.size(0)), pixels(t.size(2) * t.size(3)),
+        parts(std::max<int64_t>(1, (at::get_num_threads() + t.size(0) - 1) / std::max<int64_t>(1, t.size(0)))) {}
+  int64_t count() const { return images * parts; }
+  int64_t image(int64_t task) const { return task / parts; }
+  int64_t begin(int64_t task) const { return pixels * (task % parts) / parts; }
+  int64_t end(int64_t task) const { return pixels * (task % parts + 1) / parts; }
+};
+
+// t U for t [N, C, H, W] planes and u [C, r], r narrow: pixel rows [N H W, r].
+Tensor planes_mm(const Tensor& t, const Tensor& u) {
+  const int64_t C = t.size(1), r = u.size(1);
+  const PlaneTasks tasks(t);
+  const Tensor uc = u.contiguous();
+  Tensor c = at::empty({tasks.images * tasks.pixels, r}, t.options());
+  const float* pt = t.data_ptr<float>();
+  const float* pu = uc.data_ptr<float>();
+  float* pc = c.data_ptr<float>();
+  at::parallel_for(0, tasks.count(), 1, [&](int64_t s, int64_t e) {
+    for (int64_t q = s; q < e; ++q) {
+      const int64_t n = tasks.image(q);
+      detail::narrow_tmm(pt + n * C * tasks.pixels, tasks.pixels, pu, pc + n * tasks.pixels * r, C, tasks.begin(q),
+                         tasks.end(q), r);
+    }
+  });
+  return c;
+}
+
+// t^T g summed over the pixels of every image, [C, r], for t [N, C, H, W] planes and g contiguous
+// pixel rows [N H W, r]; with u and tu, also tu = t U, each pixel range's two products back to
+// back in chunks of at most 512 KB of t (kept in L2 between them: one pass over t). Each thread
+// adds into a partial sum of its own.
+Tensor planes_tmm(const Tensor& t, const Tensor& g, const Tensor& u = {}, Tensor* tu = nullptr) {
+  const int64_t C = t.size(1), r = g.size(1);
+  const PlaneTasks tasks(t);
+  const Tensor gc = g.contiguous(), uc = u.defined() ? u.contiguous() : Tensor();
+  Tensor partial = at::zeros({at::get_num_threads(), C, r}, t.options());
+  const float* pt = t.data_ptr<float>();
+  const float* pg = gc.data_ptr<float>();
+  const float* pu = uc.defined() ? uc.data_ptr<float>() : nullptr;
+  float* ptu = tu ? tu->data_ptr<float>() : nullptr;
+  float* pp = partial.data_ptr<float>();
+  const int64_t chunk = pu ? std::max<int64_t>(64, 131072 / C) : tasks.pixels;
+  at::parallel_for(0, tasks.count(), 1, [&](int64_t s, int64_t e) {
+    std::vector<float> scratch(static_cast<size_t>(C * r));
+    float* acc = pp + at::get_thread_num() * C * r;
+    for (int64_t q = s; q < e; ++q) {
+      const int64_t n = tasks.image(q);
+      const float* plane = pt + n * C * tasks.pixels;
+      for (int64_t i = tasks.begin(q); i < tasks.end(q); i += chunk) {
+        const int64_t len = std::min(chunk, tasks.end(q) - i);
+        if (pu) detail::narrow_tmm(plane, tasks.pixels, pu, ptu + n * tasks.pixels * r, C, i, i + len, r);
+        detail::narrow_mm(plane + i, tasks.pixels, pg + (n * tasks.pixels + i) * r, scratch.data(), C, len, r);
+        for (int64_t j = 0; j < C * r; ++j) acc[j] += scratch[j];
+      }
+    }
+  });
+  return partial.sum(0);
+}
+
 // c = base + a b for c [P, m] (unit column stride), a [P, k] with k narrow (at most 32), b [k, m],
 // base undefined (no base term), c itself (accumulate in place) or another [P, m] tensor with
 // unit column stride: written into c's memory. False where the kernels do not apply (the caller
@@ -1473,47 +1548,54 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     const bool want_out = u_out.defined() && ctx->needs_input_grad(4);
     const bool want_in = u_in.defined() && ctx->needs_input_grad(5);
     if (!want_k && !want_out && !want_in) return out;
-    // 2-d with narrow ranks in float32 on AVX2, at small maps (flora::narrow_hybrid_steps): the
-    // four 1x1 steps as GEMMs on the pixels' channel rows (narrow_mm, narrow_tmm), views where the
-    // tensors are channels-last.
-    const bool rows = d == 2 && narrow_ranks(x, u_out.defined() ? u_out.size(1) : 0, u_in.defined() ? u_in.size(1) : 0) &&
-                      narrow_hybrid_steps(static_cast<double>(std::max(x.numel(), gy.numel())));
+    // 2-d with narrow ranks in float32 on AVX2: the four 1x1 steps on flora/detail/narrow_gemm.h's
+    // kernels. NCHW x and gy as planes (narrow_planes: every size, no copy); otherwise at small
+    // maps (flora::narrow_hybrid_steps) as GEMMs on the pixels' channel rows (narrow_mm,
+    // narrow_tmm), views where the tensors are channels-last. Planes and rows both give the core's
+    // maps (xp, gp, zc, gxp) channels-last.
+    const int64_t r_out = u_out.defined() ? u_out.size(1) : 0, r_in = u_in.defined() ? u_in.size(1) : 0;
+    const bool narrow = d == 2 && narrow_ranks(x, r_out, r_in);
+    const bool planes = narrow && narrow_planes(x) && narrow_planes(gy);
+    const bool rows = narrow && !planes && narrow_hybrid_steps(static_cast<double>(std::max(x.numel(), gy.numel())));
     auto as_map = [](const Tensor& r, const Tensor& like) {  // [N H W, c] -> [N, c, H, W], channels-last
       return r.view({like.size(0), like.size(2), like.size(3), r.size(1)}).permute({0, 3, 1, 2});
     };
-    const Tensor w_in = u_in.defined() ? pointwise(u_in.t(), d) : Tensor();   // [r_1, in, 1...]
+    auto project = [&](const Tensor& t, const Tensor& u) {  // t u: t's channels to u's r, a map
+      return planes ? as_map(planes_mm(t, u), t)
+             : rows ? as_map(narrow_mm(pixel_rows(t), u), t)
+                    : conv_nd(t, pointwise(u.t(), d), {}, one);
+    };
     // gy's steps first: the input-gradient conv above has just read gy, so it is still in cache
     // (after the frozen convs, x and gy otherwise come from DRAM at about half the speed; the
     // node's step 0.001 to 0.014 faster at 128/28 and 64/56 than projecting x first,
     // docs/PERFORMANCE.md session 21).
-    const Tensor gp = !u_out.defined() ? gy
-                      : rows          ? as_map(narrow_mm(pixel_rows(gy), u_out), gy)
-                                      : conv_nd(gy, pointwise(u_out.t(), d), {}, one);
-    // x's two products in one pass over x (narrow_mm_tmm: the core's input gradient first, then
-    // x U_in and x^T gxp chunk by chunk) where the kernels apply, x's rows are a view and x has
-    // at least 2^18 elements: in-process A/B against the two apart, 64/56 0.008 to 0.026
-    // faster, 128/28 up to 0.012, 64/16 0.008 to 0.018; below (256/4, 128/8) level to 0.05
+    const Tensor gp = u_out.defined() ? project(gy, u_out) : gy;
+    // x's two products in one pass over x (the core's input gradient first, then x U_in and x^T
+    // gxp chunk by chunk): as planes, or on x's rows where they are a view and x has at least
+    // 2^18 elements (narrow_mm_tmm). In-process A/B against the two apart on rows, 64/56 0.008 to
+    // 0.026 faster, 128/28 up to 0.012, 64/16 0.008 to 0.018; below (256/4, 128/8) level to 0.05
     // slower, the partial sums and the core's split gradients costing more than the pass saves
     // (docs/PERFORMANCE.md, session 21).
     constexpr double kOneXPassElements = 262144.0;
-    bool one_x_pass = want_in && d == 2 && narrow_ranks(x, 0, u_in.size(1)) &&
-                      static_cast<double>(x.numel()) >= kOneXPassElements &&
-                      (rows || x.is_contiguous(at::MemoryFormat::ChannelsLast));
+    bool one_x_pass = want_in && (planes || (d == 2 && narrow_ranks(x, 0, r_in) &&
+                                             static_cast<double>(x.numel()) >= kOneXPassElements &&
+                                             (rows || x.is_contiguous(at::MemoryFormat::ChannelsLast))));
     Tensor xp, gxp;
     if (one_x_pass) {
-      Tensor xp_rows = at::empty({x.size(0) * x.size(2) * x.size(3), u_in.size(1)}, x.options());
+      Tensor xp_rows = at::empty({x.size(0) * x.size(2) * x.size(3), r_in}, x.options());
       xp = as_map(xp_rows, x);  // its values are not read by the input gradient, only its shape
       gxp = std::get<0>(conv_grads(gp, xp, k, geo, true, false));
-      out[5] = narrow_mm_tmm(pixel_rows(x), u_in, pixel_rows(gxp), xp_rows);
+      out[5] = planes ? planes_tmm(x, pixel_rows(gxp), u_in, &xp_rows)
+                      : narrow_mm_tmm(pixel_rows(x), u_in, pixel_rows(gxp), xp_rows);
       one_x_pass = out[5].defined();  // refused operands: the two products apart, below
     }
     const bool in_apart = want_in && !one_x_pass;
-    if (!one_x_pass)
-      xp = !u_in.defined() ? x : rows ? as_map(narrow_mm(pixel_rows(x), u_in), x) : conv_nd(x, w_in, {}, one);
+    if (!one_x_pass) xp = u_in.defined() ? project(x, u_in) : x;
     if (want_out) {
       const Tensor zc = conv_nd(xp, k, {}, geo);
-      out[4] = rows ? narrow_tmm(pixel_rows(gy), pixel_rows(zc))
-                    : std::get<1>(conv_grads(gy, zc, pointwise(u_out, d), one, false, true)).view(u_out.sizes());
+      out[4] = planes ? planes_tmm(gy, pixel_rows(zc))
+               : rows ? narrow_tmm(pixel_rows(gy), pixel_rows(zc))
+                      : std::get<1>(conv_grads(gy, zc, pointwise(u_out, d), one, false, true)).view(u_out.sizes());
     }
     if (want_k || in_apart) {
       auto r = conv_grads(gp, xp, k, geo, in_apart, want_k);
@@ -1521,8 +1603,11 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
       out[3] = std::get<1>(r);
     }
     if (in_apart)
-      out[5] = rows ? narrow_tmm(pixel_rows(x), pixel_rows(gxp))
-                    : std::get<1>(conv_grads(gxp, x, w_in, one, false, true)).view({u_in.size(1), u_in.size(0)}).t();
+      out[5] = planes ? planes_tmm(x, pixel_rows(gxp))
+               : rows ? narrow_tmm(pixel_rows(x), pixel_rows(gxp))
+                      : std::get<1>(conv_grads(gxp, x, pointwise(u_in.t(), d), one, false, true))
+                            .view({u_in.size(1), u_in.size(0)})
+                            .t();
     return out;
   }
 };

@@ -661,6 +661,64 @@ TEST(NarrowGemm, TheHybridNodeGivesGysStepsToOneDnnAbove2To20ElementsAndKeepsXsO
   }
 }
 
+TEST(NarrowGemm, TheHybridNodeReadsNchwMapsAsPlanes) {
+  // NCHW x and gy: the hybrid node's 1x1 steps run on the kernels with the roles swapped (each
+  // image's [C, H W] block as the operand: no copy to channels-last, no oneDNN reorder), at every
+  // size, x's two products in one pass. Rows cover one image split into pixel ranges over the
+  // threads and each range into two chunks of the one pass (256 channels: chunks of 512
+  // pixels), an odd batch with stride 2 (gy smaller than x), an identity output mode (gy's
+  // steps absent) and ResNet-18's layer1 conv; on three threads, whatever the machine's count.
+  // A rank of 40 (not a narrow width) keeps the node off the planes: oneDNN's 1x1 steps then.
+  struct Threads {
+    const int before = at::get_num_threads();
+    explicit Threads(int n) { at::set_num_threads(n); }
+    ~Threads() { at::set_num_threads(before); }
+  } three(3);
+  struct Row {
+    std::string name;
+    std::vector<int64_t> x_shape, w_shape, ranks;
+    bool identity_out;
+    F::ConvGeometry geo;
+    bool planes = true;
+  };
+  using PM = F::PaddingMode;
+  const F::ConvGeometry same{{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros};
+  const std::vector<Row> rows{
+      {"one_image_ranges_and_chunks", {1, 256, 40, 40}, {32, 256, 3, 3}, {16, 24, 2, 2}, false, same},
+      {"three_images_stride2", {3, 24, 9, 11}, {40, 24, 3, 3}, {8, 16, 3, 2}, false, {{2, 2}, {1, 1}, {1, 1}, 1, PM::Zeros}},
+      {"identity_output", {2, 16, 12, 12}, {16, 16, 3, 3}, {16, 8, 2, 2}, true, same},
+      {"resnet18_layer1", {2, 64, 56, 56}, {64, 64, 3, 3}, {16, 16, 2, 2}, false, same},
+      {"output_rank_40_not_planes", {2, 16, 12, 12}, {48, 16, 3, 3}, {40, 16, 2, 2}, false, same, false},
+  };
+  for (const auto& c : rows) {
+    auto x = torch::randn(c.x_shape).requires_grad_(true);
+    const auto w = torch::randn(c.w_shape) * 0.05;
+    auto core = torch::randn(c.ranks).requires_grad_(true);
+    std::vector<Tensor> factors(4), wrt{x, core};
+    for (size_t n = 0; n < 4; ++n)
+      if (n != 0 || !c.identity_out) wrt.push_back(factors[n] = (torch::randn({c.w_shape[n], c.ranks[n]}) * 0.3).requires_grad_(true));
+    std::vector<Tensor> wrt64, f64(4);
+    for (const auto& t : wrt) wrt64.push_back(t.detach().to(torch::kFloat64).requires_grad_(true));
+    for (size_t n = 0, i = 2; n < 4; ++n)
+      if (factors[n].defined()) f64[n] = wrt64[i++];
+    const Tensor ref = F::conv_nd(wrt64[0], w.to(torch::kFloat64), {}, c.geo) + F::conv_branch(wrt64[0], wrt64[1], f64, 0.7, c.geo);
+    const Tensor probe = torch::randn_like(ref);  // contiguous NCHW, as a real loss's gradient
+    const auto want = torch::autograd::grad({ref}, wrt64, {probe});
+    const auto before = flora::detail::narrow_calls();
+    const Tensor y = F::hybrid_conv(x, w, {}, core, factors, 0.7, c.geo);
+    const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
+    const auto after = flora::detail::narrow_calls();
+    EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5) << c.name;
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5)
+          << c.name << " gradient " << i;
+    const bool kernels = flora::detail::avx2_fma_enabled();
+    EXPECT_EQ(after.tmm > before.tmm, kernels && c.planes) << c.name << ": x U_in (and gy U_out) as planes";
+    EXPECT_EQ(after.mm > before.mm, kernels && c.planes) << c.name << ": the factors' gradients as planes";
+    EXPECT_EQ(after.pair, before.pair) << c.name << ": planes make their one pass without narrow_mm_tmm";
+  }
+}
+
 // flora/detail/narrow_gemm.h's kernels on raw memory against float64 products: every width,
 // row counts that leave each register block's tail (AVX2's blocks and AVX-512's; CTest runs the
 // battery again with FLORA_NO_AVX512 and with FLORA_NO_AVX2), strided rows, a partial range of

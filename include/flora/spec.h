@@ -254,7 +254,9 @@ bool fuse_factorized_conv(double window_elements, bool narrow_kernels = false);
 /// elements (4 MiB of float32). Above that the steps on gy (gy U_out, U_out's gradient) stream
 /// from memory and oneDNN's convs were faster (docs/PERFORMANCE.md, "Session 19"). x's two
 /// (x U_in, U_in's gradient) run as one narrow pass over x from 2^18 elements of x at any size
-/// where x is channels-last (session 21); below 2^18 they follow this line too.
+/// where x is channels-last (session 21); below 2^18 they follow this line too. Where x and gy
+/// are both contiguous NCHW the line does not apply: all four steps run on the kernels as
+/// planes at every size, x's two in one pass (session 22).
 bool narrow_hybrid_steps(double activation_elements);
 
 /// True when ConvPath::Separable applies to the target: a 2-d conv ([out, in/groups, kh, kw])
