@@ -946,6 +946,42 @@ class AutocastStateGuard {
   AutocastState now_;
 };
 
+// A RecomputableInput's recipe and the autocast state forward ran under, kept in a node's
+// saved_data (the sources go to save_for_backward), and x rebuilt from them in backward.
+void save_recipe(torch::autograd::AutogradContext* ctx, const RecomputableInput& in, const AutocastState& autocast) {
+  auto& d = ctx->saved_data;
+  d["op"] = static_cast<int64_t>(in.op());
+  d["approximate"] = in.approximate();
+  d["shape"] = in.normalized_shape();
+  d["eps"] = in.eps();
+  d["cpu"] = autocast.cpu;
+  d["gpu"] = autocast.gpu;
+  d["cpu_dtype"] = static_cast<int64_t>(autocast.cpu_dtype);
+  d["gpu_dtype"] = static_cast<int64_t>(autocast.gpu_dtype);
+}
+
+// x = f(sources) as forward had it, in dtype. `who` names the caller in the create_graph error.
+Tensor recompute_saved(torch::autograd::AutogradContext* ctx, const std::vector<Tensor>& sources, at::ScalarType dtype,
+                       const char* who) {
+  if (torch::GradMode::is_enabled())  // create_graph: the gradient's dependence on the sources is not recorded
+    throw InvalidArgument(std::string(who) + ": double backward (create_graph) through a RecomputableInput is not supported "
+                          "(hint: pass in.value() instead, or flora::nn::set_recompute_inputs(false))");
+  auto& d = ctx->saved_data;
+  const auto recipe = RecomputableInput::recipe(static_cast<RecomputableInput::Op>(d["op"].toInt()),
+                                                d["approximate"].toStringRef(), d["shape"].toIntVector(), d["eps"].toDouble());
+  AutocastState then;
+  then.cpu = d["cpu"].toBool();
+  then.gpu = d["gpu"].toBool();
+  then.cpu_dtype = static_cast<at::ScalarType>(d["cpu_dtype"].toInt());
+  then.gpu_dtype = static_cast<at::ScalarType>(d["gpu_dtype"].toInt());
+  Tensor x;
+  {
+    AutocastStateGuard as_in_forward(then);
+    x = recipe.recompute(sources);
+  }
+  return x.scalar_type() != dtype ? x.to(dtype) : x;
+}
+
 // h = x A^T for x = f(sources) [..., in] and A [r, in], keeping the sources and A but not x.
 struct RecomputedProjection : public torch::autograd::Function<RecomputedProjection> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& a,
@@ -953,15 +989,7 @@ struct RecomputedProjection : public torch::autograd::Function<RecomputedProject
     std::vector<Tensor> keep{a};
     for (const auto& t : in->sources()) keep.push_back(t);
     ctx->save_for_backward(keep);
-    auto& d = ctx->saved_data;
-    d["op"] = static_cast<int64_t>(in->op());
-    d["approximate"] = in->approximate();
-    d["shape"] = in->normalized_shape();
-    d["eps"] = in->eps();
-    d["cpu"] = autocast->cpu;
-    d["gpu"] = autocast->gpu;
-    d["cpu_dtype"] = static_cast<int64_t>(autocast->cpu_dtype);
-    d["gpu_dtype"] = static_cast<int64_t>(autocast->gpu_dtype);
+    save_recipe(ctx, *in, *autocast);
     return x.matmul(a.t());
   }
 
@@ -973,24 +1001,7 @@ struct RecomputedProjection : public torch::autograd::Function<RecomputedProject
     torch::autograd::variable_list out(4);
     if (ctx->needs_input_grad(0)) out[0] = g.matmul(a);
     if (ctx->needs_input_grad(1)) {
-      if (torch::GradMode::is_enabled())  // create_graph: dA's dependence on the sources is not recorded
-        throw InvalidArgument("linear_branch: double backward (create_graph) through a RecomputableInput is not supported "
-                              "(hint: pass in.value() instead, or flora::nn::set_recompute_inputs(false))");
-      auto& d = ctx->saved_data;
-      const auto recipe = RecomputableInput::recipe(static_cast<RecomputableInput::Op>(d["op"].toInt()),
-                                                    d["approximate"].toStringRef(), d["shape"].toIntVector(),
-                                                    d["eps"].toDouble());
-      AutocastState then;
-      then.cpu = d["cpu"].toBool();
-      then.gpu = d["gpu"].toBool();
-      then.cpu_dtype = static_cast<at::ScalarType>(d["cpu_dtype"].toInt());
-      then.gpu_dtype = static_cast<at::ScalarType>(d["gpu_dtype"].toInt());
-      Tensor x;
-      {
-        AutocastStateGuard as_in_forward(then);
-        x = recipe.recompute(std::vector<Tensor>(saved.begin() + 1, saved.end()));
-      }
-      if (x.scalar_type() != a.scalar_type()) x = x.to(a.scalar_type());
+      const Tensor x = recompute_saved(ctx, std::vector<Tensor>(saved.begin() + 1, saved.end()), a.scalar_type(), "linear_branch");
       out[1] = g.reshape({-1, g.size(-1)}).t().matmul(x.reshape({-1, x.size(-1)}));
     }
     return out;
@@ -1613,6 +1624,110 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
 };
 
 }  // namespace
+
+namespace {
+
+// linear(x, W0, b) + x A^T U_out^T as one autograd node, A = s G U_in^T [r, in] (r narrow)
+// computed outside it, so the core's and U_in's gradients come through A's own ops. Forward:
+// the base GEMM, then h = x A^T (narrow_mm) and y += h U_out^T in place (narrow_add_mm).
+// Backward: gx = gy W0, then gh = gy U_out and gx += gh A in place; gU_out = gy^T h and gA =
+// (x^T gh)^T (narrow_tmm). So no full-size adds (the branch's output onto the base's, its input
+// gradient onto the base's), five autograd nodes fewer, and the four thin products on the
+// narrow kernels rather than OpenBLAS (docs/PERFORMANCE.md, session 22). Saved: W0, A, U_out,
+// h ([P, r]) and x, or, given a RecomputableInput, its sources instead of x (rebuilt for gA as
+// RecomputedProjection does). With create_graph, backward runs the same products as
+// differentiable ATen ops (h recomputed from x and A), so double backward is the composition's.
+struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w0, const Tensor& b,
+                        const Tensor& a, const Tensor& u_out, const RecomputableInput* in) {
+    const Tensor rows = x.view({-1, x.size(-1)});
+    Tensor y = at::linear(rows, w0, present(b));
+    const Tensor h = narrow_mm(rows, a.t());
+    if (!narrow_add_mm(y, y, h, u_out.t())) y.addmm_(h, u_out.t());
+    std::vector<Tensor> keep{w0, a, u_out, h};
+    if (in) {
+      for (const auto& t : in->sources()) keep.push_back(t);
+      save_recipe(ctx, *in, AutocastState{});
+    } else {
+      keep.push_back(rows);
+    }
+    ctx->save_for_backward(keep);
+    ctx->saved_data["bias"] = b.numel() > 0;
+    ctx->saved_data["recompute"] = in != nullptr;
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = w0.size(0);
+    return y.view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list out(6);  // x, w0, b, a, u_out, in
+    if (!grads[0].defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &w0 = saved[0], &a = saved[1], &u_out = saved[2];
+    const bool recompute = ctx->saved_data["recompute"].toBool();
+    const bool graph = torch::GradMode::is_enabled();  // create_graph: differentiable ops only
+    if (graph && recompute) recompute_saved(ctx, {}, a.scalar_type(), "adapted_linear");  // throws, with a hint
+    auto rows = [&] {  // x as [P, in]
+      if (!recompute) return saved[4];
+      const Tensor x = recompute_saved(ctx, std::vector<Tensor>(saved.begin() + 4, saved.end()), a.scalar_type(), "adapted_linear");
+      return x.reshape({-1, x.size(-1)}).contiguous();
+    };
+    const Tensor gy = grads[0].reshape({-1, w0.size(0)}).contiguous();
+    const Tensor h = graph ? rows().mm(a.t()) : saved[3];
+    const Tensor gh = graph ? gy.mm(u_out) : narrow_mm(gy, u_out);
+    if (ctx->needs_input_grad(0)) {
+      Tensor gx = gy.mm(w0);
+      if (graph || !narrow_add_mm(gx, gx, gh, a)) gx = graph ? gx + gh.mm(a) : gx.addmm_(gh, a);
+      std::vector<int64_t> shape = grads[0].sizes().vec();
+      shape.back() = w0.size(1);
+      out[0] = gx.view(shape);
+    }
+    const bool want_a = ctx->needs_input_grad(3);
+    const Tensor x = ctx->needs_input_grad(1) || want_a ? rows() : Tensor();
+    if (ctx->needs_input_grad(1)) out[1] = gy.t().mm(x);
+    if (ctx->needs_input_grad(2) && ctx->saved_data["bias"].toBool()) out[2] = gy.sum(0);
+    if (want_a) out[3] = (graph ? x.t().mm(gh) : narrow_tmm(x, gh)).t();
+    if (ctx->needs_input_grad(4)) out[4] = graph ? gy.t().mm(h) : narrow_tmm(gy, h);
+    return out;
+  }
+};
+
+// adapted_linear's two overloads: the node where it applies, checked, else the composition.
+Tensor adapted_linear_node(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
+                           const std::vector<Tensor>& factors, double scale, const RecomputableInput* in) {
+  const Tensor a = linear_input_side(core, factors, scale);
+  if (x.size(-1) != a.size(1) || weight.dim() != 2 || weight.size(1) != a.size(1) || factors[0].size(0) != weight.size(0))
+    throw InvalidArgument("adapted_linear: x " + format_shape(x.sizes().vec()) + ", weight " +
+                          format_shape(weight.sizes().vec()) + " and the update's [" +
+                          std::to_string(factors[0].size(0)) + ", " + std::to_string(a.size(1)) +
+                          "] disagree (hint: x [..., in], weight [out, in], factors [out, r_out] and [in, r_in])");
+  return AdaptedLinear::apply(x, weight, bias.defined() ? bias : at::empty({0}, weight.options()), a, factors[0], in);
+}
+
+}  // namespace
+
+bool adapted_linear_fuses(const Tensor& x, const Tensor& weight, const Tensor& core, const std::vector<Tensor>& factors) {
+  return factors.size() == 2 && factors[0].defined() && core.dim() == 2 && x.dim() >= 1 && x.is_contiguous() &&
+         x.numel() > 0 && narrow_ranks(x, core.size(0), 0) && weight.scalar_type() == at::kFloat &&
+         core.scalar_type() == at::kFloat && factors[0].scalar_type() == at::kFloat &&
+         (!factors[1].defined() || factors[1].scalar_type() == at::kFloat) &&
+         !at::autocast::is_cpu_enabled();
+}
+
+Tensor adapted_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
+                      const std::vector<Tensor>& factors, double scale) {
+  if (!adapted_linear_fuses(x, weight, core, factors))
+    return torch::linear(x, weight, bias) + linear_branch(x, core, factors, scale);
+  return adapted_linear_node(x, weight, bias, core, factors, scale, nullptr);
+}
+
+Tensor adapted_linear(const RecomputableInput& in, const Tensor& weight, const Tensor& bias, const Tensor& core,
+                      const std::vector<Tensor>& factors, double scale) {
+  if (!adapted_linear_fuses(in.value(), weight, core, factors))
+    return torch::linear(in.value(), weight, bias) + linear_branch(in, core, factors, scale);
+  return adapted_linear_node(in.value(), weight, bias, core, factors, scale, &in);
+}
 
 Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
                    const std::vector<Tensor>& factors, double scale, const ConvGeometry& geo) {

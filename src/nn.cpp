@@ -260,9 +260,11 @@ LinearImpl::LinearImpl(const torch::nn::LinearImpl& base)
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
-  auto y = torch::linear(x, weight, bias);
-  if (auto a = live_adapter()) y = y + F::linear_branch(adapter_input(x, *a), a->core(), a->factors(), a->scale());
-  return y;
+  auto a = live_adapter();
+  if (!a) return torch::linear(x, weight, bias);
+  const torch::Tensor in = adapter_input(x, *a);
+  if (in.is_same(x)) return F::adapted_linear(x, weight, bias, a->core(), a->factors(), a->scale());
+  return torch::linear(x, weight, bias) + F::linear_branch(in, a->core(), a->factors(), a->scale());  // dropout
 }
 
 namespace {
@@ -281,7 +283,7 @@ torch::Tensor LinearImpl::forward_recompute(const F::RecomputableInput& in) {
   if (!a || !recompute_inputs_ || !torch::GradMode::is_enabled() || !x.requires_grad() || weight.requires_grad() ||
       (a->spec().dropout > 0.0 && is_training()))
     return forward(x);
-  return torch::linear(x, weight, bias) + F::linear_branch(in, a->core(), a->factors(), a->scale());
+  return F::adapted_linear(in, weight, bias, a->core(), a->factors(), a->scale());
 }
 
 TargetInfo LinearImpl::target_info() const {

@@ -1009,6 +1009,140 @@ TEST(LinearBranch, EqualsDenseMatmulAndLoRA) {
   EXPECT_LT(max_abs_diff(F::linear_branch(x, a, {b, Tensor()}, 0.5), x.matmul(a.t()).matmul(b.t()) * 0.5), 1e-12);
 }
 
+// F::adapted_linear in float32 against the float64 composition torch::linear + linear_branch:
+// output and every gradient, with the node (the branch's products on the narrow kernels, added
+// in place) where adapted_linear_fuses says, and the composition itself elsewhere. Rows leave
+// every register block's tail (111 and 33 rows), cover ranks 8 to 32, LoRA's identity input
+// mode, an unbatched input, a trainable weight and bias, and the refusals: a rank of 40, an
+// identity output mode, a transposed (non-contiguous) input.
+struct AdaptedLinearCase {
+  std::string name;
+  std::vector<int64_t> x_shape;
+  int64_t out;
+  std::vector<int64_t> ranks;  ///< core [r_out, r_in]; r_in == in where U_in is absent
+  bool u_in, u_out, bias, train_weight, fuses, transposed_x;
+};
+
+void PrintTo(const AdaptedLinearCase& c, std::ostream* os) { *os << c.name; }
+
+class AdaptedLinearBattery : public ::testing::TestWithParam<AdaptedLinearCase> {};
+
+TEST_P(AdaptedLinearBattery, EqualsTheDoubleCompositionInOutputAndEveryGradient) {
+  const auto& c = GetParam();
+  const int64_t in = c.x_shape.back();
+  Tensor x = c.transposed_x ? torch::randn({in, 10}).t() : torch::randn(c.x_shape);
+  x.requires_grad_(true);
+  auto w = (torch::randn({c.out, in}) * 0.1).requires_grad_(c.train_weight);
+  auto b = c.bias ? (torch::randn({c.out}) * 0.1).requires_grad_(c.train_weight) : Tensor();
+  auto core = torch::randn(c.ranks).requires_grad_(true);
+  std::vector<Tensor> f(2), wrt{x, core};
+  if (c.u_out) wrt.push_back(f[0] = (torch::randn({c.out, c.ranks[0]}) * 0.3).requires_grad_(true));
+  if (c.u_in) wrt.push_back(f[1] = (torch::randn({in, c.ranks[1]}) * 0.3).requires_grad_(true));
+  if (c.train_weight) {
+    wrt.push_back(w);
+    if (b.defined()) wrt.push_back(b);
+  }
+  const bool kernels = flora::detail::avx2_fma_enabled();
+  ASSERT_EQ(F::adapted_linear_fuses(x, w, core, f), c.fuses && kernels);
+  auto d = [](const Tensor& t) { return t.defined() ? t.detach().to(torch::kFloat64).requires_grad_(t.requires_grad()) : t; };
+  const Tensor x64 = d(x), w64 = d(w), b64 = d(b), core64 = d(core);
+  const std::vector<Tensor> f64{d(f[0]), d(f[1])};
+  std::vector<Tensor> wrt64{x64, core64};
+  for (const auto& u : f64)
+    if (u.defined()) wrt64.push_back(u);
+  if (c.train_weight) {
+    wrt64.push_back(w64);
+    if (b64.defined()) wrt64.push_back(b64);
+  }
+  const Tensor ref = torch::linear(x64, w64, b64) + F::linear_branch(x64, core64, f64, 0.7);
+  const Tensor probe = torch::randn_like(ref);
+  const auto want = torch::autograd::grad({ref}, wrt64, {probe});
+  const auto before = flora::detail::narrow_calls();
+  const Tensor y = F::adapted_linear(x, w, b, core, f, 0.7);
+  ASSERT_EQ(y.sizes(), ref.sizes());
+  EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5);
+  const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5) << "gradient " << i;
+  const auto after = flora::detail::narrow_calls();
+  const bool node = c.fuses && kernels;
+  EXPECT_EQ(after.mm > before.mm, node) << "x A^T and gy U_out";
+  EXPECT_EQ(after.tmm > before.tmm, node) << "U_out's and A's gradients";
+  EXPECT_EQ(after.add > before.add, node) << "the branch added into the output and the input gradient";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Rows, AdaptedLinearBattery,
+    ::testing::Values(
+        //                name                           x            out  ranks     u_in   u_out  bias   train  fuses  x^T
+        AdaptedLinearCase{"flora_3d_tails_bias", {3, 37, 48}, 40, {16, 8}, true, true, true, false, true, false},
+        AdaptedLinearCase{"flora_2d_ranks_24_32_no_bias", {70, 64}, 56, {24, 32}, true, true, false, false, true, false},
+        AdaptedLinearCase{"lora_identity_input_rank_8", {5, 9, 48}, 40, {8, 48}, false, true, true, false, true, false},
+        AdaptedLinearCase{"unbatched_rank_32", {48}, 24, {32, 16}, true, true, true, false, true, false},
+        AdaptedLinearCase{"trainable_weight_and_bias", {33, 20}, 12, {8, 8}, true, true, true, true, true, false},
+        AdaptedLinearCase{"rank_40_composition", {6, 48}, 50, {40, 8}, true, true, true, false, false, false},
+        AdaptedLinearCase{"identity_output_composition", {6, 48}, 16, {16, 8}, true, false, true, false, false, false},
+        AdaptedLinearCase{"transposed_x_composition", {10, 48}, 40, {16, 8}, true, true, true, false, false, true}),
+    [](const ::testing::TestParamInfo<AdaptedLinearCase>& info) { return info.param.name; });
+
+TEST(AdaptedLinear, DoubleBackwardEqualsTheComposition) {
+  // A gradient penalty through the node: create_graph makes its backward run differentiable ATen
+  // ops, so the second derivatives are the composition's (float64 reference).
+  auto x = torch::randn({4, 11, 32}).requires_grad_(true);
+  const auto w = torch::randn({24, 32}) * 0.1, b = torch::randn({24});
+  auto core = torch::randn({16, 8}).requires_grad_(true);
+  std::vector<Tensor> f{(torch::randn({24, 16}) * 0.3).requires_grad_(true), (torch::randn({32, 8}) * 0.3).requires_grad_(true)};
+  ASSERT_EQ(F::adapted_linear_fuses(x, w, core, f), flora::detail::avx2_fma_enabled());
+  auto penalty_grads = [](const Tensor& y, const Tensor& xx, const std::vector<Tensor>& params) {
+    const Tensor probe = torch::linspace(-1.0, 1.0, y.numel(), y.options()).view(y.sizes());
+    const Tensor gx = torch::autograd::grad({(y * probe).sum()}, {xx}, {}, true, true)[0];
+    return torch::autograd::grad({gx.pow(2).sum() + y.pow(2).sum()}, params);
+  };
+  const auto got = penalty_grads(F::adapted_linear(x, w, b, core, f, 0.7), x, {x, core, f[0], f[1]});
+  auto d = [](const Tensor& t) { return t.detach().to(torch::kFloat64).requires_grad_(t.requires_grad()); };
+  const Tensor x64 = d(x), core64 = d(core);
+  const std::vector<Tensor> f64{d(f[0]), d(f[1])};
+  const Tensor ref = torch::linear(x64, w.to(torch::kFloat64), b.to(torch::kFloat64)) + F::linear_branch(x64, core64, f64, 0.7);
+  const auto want = penalty_grads(ref, x64, {x64, core64, f64[0], f64[1]});
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5) << "gradient " << i;
+}
+
+TEST(AdaptedLinear, OnARecomputableInputKeepsTheSourcesNotTheInput) {
+  // The node given GELU(h): equal to the float64 composition in output and every gradient, x not
+  // kept alive by the graph, and double backward refused with the RecomputableInput hint.
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  auto h = torch::randn({3, 13, 48}).requires_grad_(true);
+  const auto w = torch::randn({40, 48}) * 0.1, b = torch::randn({40});
+  auto core = torch::randn({16, 8}).requires_grad_(true);
+  std::vector<Tensor> f{(torch::randn({40, 16}) * 0.3).requires_grad_(true), (torch::randn({48, 8}) * 0.3).requires_grad_(true)};
+  Tensor y;
+  Weak x = [&] {
+    const auto in = F::RecomputableInput::gelu(h);
+    EXPECT_EQ(F::adapted_linear_fuses(in.value(), w, core, f), flora::detail::avx2_fma_enabled());
+    y = F::adapted_linear(in, w, b, core, f, 0.7);
+    return Weak(in.value().getIntrusivePtr());
+  }();
+  EXPECT_TRUE(x.expired()) << "the graph keeps x";
+  auto d = [](const Tensor& t) { return t.detach().to(torch::kFloat64).requires_grad_(t.requires_grad()); };
+  const Tensor h64 = d(h), core64 = d(core);
+  const std::vector<Tensor> f64{d(f[0]), d(f[1])};
+  const Tensor ref = torch::linear(torch::gelu(h64), w.to(torch::kFloat64), b.to(torch::kFloat64)) +
+                     F::linear_branch(torch::gelu(h64), core64, f64, 0.7);
+  EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5);
+  const Tensor probe = torch::randn_like(ref);
+  const auto want = torch::autograd::grad({ref}, {h64, core64, f64[0], f64[1]}, {probe});
+  const auto got = torch::autograd::grad({y}, {h, core, f[0], f[1]}, {probe.to(torch::kFloat32)}, true);
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5) << "gradient " << i;
+  if (flora::detail::avx2_fma_enabled()) {
+    const std::string m = flora_test::error_message([&] {
+      torch::autograd::grad({y}, {core}, {probe.to(torch::kFloat32)}, true, true);
+    });
+    EXPECT_NE(m.find("adapted_linear: double backward (create_graph) through a RecomputableInput"), std::string::npos) << m;
+  }
+}
+
 // One row per way of computing a Linear's input: the sources (double, requiring gradients), the
 // recipe, and x computed directly with torch's ops as the reference.
 struct RecomputeCase {

@@ -3,6 +3,7 @@
 // Usage:
 //   1. dW = tucker_delta(core, factors, s)      // factors[n] undefined = identity mode n
 //   2. y  = base(x) + linear_branch(x, core, factors, s)          // never forms dW
+//      y  = adapted_linear(x, W0, b, core, factors, s)  // the same, one node on the narrow kernels
 //      y  = base(in.value()) + linear_branch(in, core, factors, s) // in: a RecomputableInput
 //      y  = conv_nd(x, W0, b, geo) + conv_branch(x, core, factors, s, geo)
 //      y  = conv_nd(x, W0, b, geo) + separable_branch(x, core, factors, s, geo)  // depthwise 2-d
@@ -111,6 +112,26 @@ class RecomputableInput {
 /// backward (once, only when U_in or the core needs a gradient) rather than kept. Runs in the
 /// dtype autocast would pick (the branch's own dtype without autocast), as the plain overload.
 Tensor linear_branch(const RecomputableInput& x, const Tensor& core, const std::vector<Tensor>& factors, double scale);
+
+/// torch::linear(x, W0, b) + linear_branch(x, core, factors, s), equal in output and in every
+/// gradient (double backward included), as one autograd node where adapted_linear_fuses: the
+/// base GEMM, then the branch's thin products on flora/detail/narrow_gemm.h's kernels, its
+/// output added into the base's and its input gradient into the base's in place. Never forms
+/// dW. Elsewhere it is that composition. Linear 768 -> 768 over 1,024 tokens: 1.10x the frozen
+/// layer's step against 1.33x (docs/PERFORMANCE.md, session 22).
+Tensor adapted_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
+                      const std::vector<Tensor>& factors, double scale);
+
+/// adapted_linear on a RecomputableInput: its node keeps in's sources instead of x, as
+/// linear_branch(in, ...) does (double backward then unsupported, as there); elsewhere
+/// torch::linear(in.value(), W0, b) + linear_branch(in, core, factors, s).
+Tensor adapted_linear(const RecomputableInput& in, const Tensor& weight, const Tensor& bias, const Tensor& core,
+                      const std::vector<Tensor>& factors, double scale);
+
+/// Whether adapted_linear runs as its node: float32 on the CPU (x contiguous, not empty; the
+/// weight, core and factors float32) on an AVX2 + FMA CPU, U_out present with a rank 8 to 32
+/// wide (U_in may be an identity mode), CPU autocast off.
+bool adapted_linear_fuses(const Tensor& x, const Tensor& weight, const Tensor& core, const std::vector<Tensor>& factors);
 
 /// The factorized conv branch, equal to conv_nd(x, dW, {}, geo):
 /// grouped 1x1 (in -> groups*r_1) -> grouped core conv with kernel s*G x_2 U_2 ... carrying
