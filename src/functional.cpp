@@ -1641,9 +1641,18 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w0, const Tensor& b,
                         const Tensor& a, const Tensor& u_out, const RecomputableInput* in) {
     const Tensor rows = x.view({-1, x.size(-1)});
-    Tensor y = at::linear(rows, w0, present(b));
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = w0.size(0);
+    // y is returned as allocated: a view made here would refuse in-place ops on the output (autograd
+    // forbids them on views created inside a custom function), y_rows is the same memory.
+    Tensor y = at::empty(shape, x.options());
+    Tensor y_rows = y.view({-1, w0.size(0)});
+    if (b.numel() > 0)
+      at::addmm_out(y_rows, b, rows, w0.t());
+    else
+      at::mm_out(y_rows, rows, w0.t());
     const Tensor h = narrow_mm(rows, a.t());
-    if (!narrow_add_mm(y, y, h, u_out.t())) y.addmm_(h, u_out.t());
+    if (!narrow_add_mm(y_rows, y_rows, h, u_out.t())) y_rows.addmm_(h, u_out.t());
     std::vector<Tensor> keep{w0, a, u_out, h};
     if (in) {
       for (const auto& t : in->sources()) keep.push_back(t);
@@ -1654,9 +1663,7 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
     ctx->save_for_backward(keep);
     ctx->saved_data["bias"] = b.numel() > 0;
     ctx->saved_data["recompute"] = in != nullptr;
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = w0.size(0);
-    return y.view(shape);
+    return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,

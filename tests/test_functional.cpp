@@ -1085,6 +1085,29 @@ INSTANTIATE_TEST_SUITE_P(
         AdaptedLinearCase{"transposed_x_composition", {10, 48}, 40, {16, 8}, true, true, true, false, false, true}),
     [](const ::testing::TestParamInfo<AdaptedLinearCase>& info) { return info.param.name; });
 
+TEST(AdaptedLinear, ItsOutputTakesInPlaceOps) {
+  // A residual add or an in-place ReLU right after the layer, as models do: allowed, and the
+  // gradients are the composition's (float64 reference).
+  auto x = torch::randn({2, 9, 32}).requires_grad_(true);
+  const auto w = torch::randn({24, 32}) * 0.1, b = torch::randn({24});
+  auto core = torch::randn({16, 8}).requires_grad_(true);
+  std::vector<Tensor> f{(torch::randn({24, 16}) * 0.3).requires_grad_(true), (torch::randn({32, 8}) * 0.3).requires_grad_(true)};
+  const Tensor skip = torch::randn({2, 9, 24});
+  Tensor y = F::adapted_linear(x, w, b, core, f, 0.7);
+  y.add_(skip).relu_();
+  auto d = [](const Tensor& t) { return t.detach().to(torch::kFloat64).requires_grad_(t.requires_grad()); };
+  const Tensor x64 = d(x), core64 = d(core);
+  const std::vector<Tensor> f64{d(f[0]), d(f[1])};
+  const Tensor ref = torch::relu(torch::linear(x64, w.to(torch::kFloat64), b.to(torch::kFloat64)) +
+                                 F::linear_branch(x64, core64, f64, 0.7) + skip.to(torch::kFloat64));
+  EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5);
+  const Tensor probe = torch::randn_like(ref);
+  const auto want = torch::autograd::grad({ref}, {x64, core64, f64[0], f64[1]}, {probe});
+  const auto got = torch::autograd::grad({y}, {x, core, f[0], f[1]}, {probe.to(torch::kFloat32)});
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5) << "gradient " << i;
+}
+
 TEST(AdaptedLinear, DoubleBackwardEqualsTheComposition) {
   // A gradient penalty through the node: create_graph makes its backward run differentiable ATen
   // ops, so the second derivatives are the composition's (float64 reference).
