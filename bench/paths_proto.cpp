@@ -12,6 +12,7 @@
 //   FLORA_NO_AVX2=1 /tmp/paths_proto paths   # the same without the narrow GEMMs
 //   /tmp/paths_proto after   # session 21: a 16-channel step after the frozen convs against alone
 //   /tmp/paths_proto planes  # session 22: NCHW 1x1 products as planes against oneDNN, hot
+//   /tmp/paths_proto nd      # session 22: hybrid / frozen step for Conv1d (NCL) and Conv3d (NCDHW)
 #include <torch/torch.h>
 
 #include <ATen/Parallel.h>
@@ -252,6 +253,53 @@ void planes() {
   }
 }
 
+// Session 22: the hybrid path's step against the frozen conv's (forward + input gradient) for
+// Conv1d and Conv3d on contiguous maps (NCL, NCDHW: the node reads them as planes), ranks 16 for
+// the channels and 2 per kernel mode, batch 16, 20 interleaved rounds after 3 warm-up ones.
+void nd() {
+  struct Shape {
+    const char* name;
+    std::vector<int64_t> x, w, ranks;
+  };
+  const std::vector<Shape> shapes{{"conv1d 64 ch, L 3136", {16, 64, 3136}, {64, 64, 3}, {16, 16, 2}},
+                                  {"conv1d 128 ch, L 784", {16, 128, 784}, {128, 128, 3}, {16, 16, 2}},
+                                  {"conv3d 64 ch, 4x28x28", {16, 64, 4, 28, 28}, {64, 64, 3, 3, 3}, {16, 16, 2, 2, 2}},
+                                  {"conv3d 128 ch, 4x14x14", {16, 128, 4, 14, 14}, {128, 128, 3, 3, 3}, {16, 16, 2, 2, 2}}};
+  for (const auto& s : shapes) {
+    const Tensor x = torch::randn(s.x).requires_grad_(true);
+    const Tensor w = torch::randn(s.w) * 0.05;
+    Tensor core = (torch::randn(s.ranks) * 0.1).requires_grad_(true);
+    std::vector<Tensor> f;
+    for (size_t n = 0; n < s.ranks.size(); ++n) f.push_back((torch::randn({s.w[n], s.ranks[n]}) * 0.1).requires_grad_(true));
+    const std::vector<int64_t> one(s.x.size() - 2, 1);
+    const F::ConvGeometry g{one, one, one, 1, F::PaddingMode::Zeros};
+    const Tensor gy = torch::randn_like(F::conv_nd(x.detach(), w, {}, g));
+    auto reset = [&] {
+      x.mutable_grad().reset();
+      core.mutable_grad().reset();
+      for (auto& t : f) t.mutable_grad().reset();
+    };
+    auto frozen = [&] {
+      const double t0 = now();
+      F::conv_nd(x, w, {}, g).backward(gy);
+      reset();
+      return now() - t0;
+    };
+    auto hybrid = [&] {
+      const double t0 = now();
+      F::hybrid_conv(x, w, {}, core, f, 0.5, g).backward(gy);
+      reset();
+      return now() - t0;
+    };
+    std::vector<double> r;
+    for (int i = 0; i < 23; ++i) {
+      const double a = frozen(), b = hybrid();
+      if (i >= 3) r.push_back(b / a);
+    }
+    std::printf("%-24s hybrid / frozen %.3f\n", s.name, median(r));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -261,6 +309,7 @@ int main(int argc, char** argv) {
   if (std::strcmp(what, "gemm") == 0) gemm();
   else if (std::strcmp(what, "after") == 0) after();
   else if (std::strcmp(what, "planes") == 0) planes();
+  else if (std::strcmp(what, "nd") == 0) nd();
   else paths();
   return 0;
 }

@@ -1361,15 +1361,16 @@ Tensor narrow_mm_tmm(const Tensor& x, const Tensor& u, const Tensor& g, Tensor& 
   return partial.sum(0);
 }
 
-// NCHW maps as planes. A contiguous t [N, C, H, W] holds each image's channels as rows of its H W
-// pixels, so t's products with a narrow factor are the same kernels with the roles swapped,
+// NCHW maps as planes. A contiguous t [N, C, H, W] (or [N, C, L], [N, C, D, H, W]) holds each
+// image's channels as rows of its H W pixels, so t's products with a narrow factor are the same
+// kernels with the roles swapped,
 // reading t where it lies: t U is narrow_tmm of each image's [C, H W] block against U, written as
 // pixel rows (channels-last order), and t^T g is narrow_mm of that block against g's rows, with
 // the pixels as the summed side. oneDNN's 1x1 convs reorder NCHW maps first and took 2.2 to 2.9x
 // as long at 64 to 256 channels (docs/PERFORMANCE.md, session 22).
 bool narrow_planes(const Tensor& t) {
-  return t.dim() == 4 && t.is_contiguous() && t.scalar_type() == at::kFloat && t.device().is_cpu() &&
-         detail::avx2_fma_enabled();
+  return t.dim() >= 3 && t.dim() <= 5 && t.numel() > 0 && t.is_contiguous() && t.scalar_type() == at::kFloat &&
+         t.device().is_cpu() && detail::avx2_fma_enabled();
 }
 
 // The planes kernels' tasks: (image, pixel range) pairs, each image cut into enough ranges that
@@ -1377,7 +1378,7 @@ bool narrow_planes(const Tensor& t) {
 struct PlaneTasks {
   int64_t images, pixels, parts;
   PlaneTasks(const Tensor& t)
-      : images(t.size(0)), pixels(t.size(2) * t.size(3)),
+      : images(t.size(0)), pixels(t.numel() / (t.size(0) * t.size(1))),
         parts(std::max<int64_t>(1, (at::get_num_threads() + t.size(0) - 1) / std::max<int64_t>(1, t.size(0)))) {}
   int64_t count() const { return images * parts; }
   int64_t image(int64_t task) const { return task / parts; }
@@ -1480,9 +1481,10 @@ Tensor add_product(const Tensor& base, const Tensor& a, const Tensor& b) {
   return narrow_add_mm(c, base, a, b) ? c : at::addmm(base, a, b);
 }
 
-// t [N, C, H, W] as rows [N H W, C]: a view where t is channels-last, else a copy.
+// t [N, C, H, W] as rows [N H W, C] (any number of spatial dims): a view where t is
+// channels-last, else a copy.
 Tensor pixel_rows(const Tensor& t) {
-  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+  return t.permute(channels_last_order(t.dim() - 2)).reshape({-1, t.size(1)});
 }
 
 // The custom conv nodes' geometry (groups 1, zero padding: x arrives padded) and whether a bias
@@ -1559,17 +1561,20 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     const bool want_out = u_out.defined() && ctx->needs_input_grad(4);
     const bool want_in = u_in.defined() && ctx->needs_input_grad(5);
     if (!want_k && !want_out && !want_in) return out;
-    // 2-d with narrow ranks in float32 on AVX2: the four 1x1 steps on flora/detail/narrow_gemm.h's
-    // kernels. NCHW x and gy as planes (narrow_planes: every size, no copy); otherwise at small
-    // maps (flora::narrow_hybrid_steps) as GEMMs on the pixels' channel rows (narrow_mm,
-    // narrow_tmm), views where the tensors are channels-last. Planes and rows both give the core's
-    // maps (xp, gp, zc, gxp) channels-last.
+    // Narrow ranks in float32 on AVX2: the four 1x1 steps on flora/detail/narrow_gemm.h's kernels.
+    // Contiguous (NCHW, NCL, NCDHW) x and gy as planes (narrow_planes: every size and every
+    // spatial order, no copy); otherwise, 2-d only, at small maps (flora::narrow_hybrid_steps) as
+    // GEMMs on the pixels' channel rows (narrow_mm, narrow_tmm), views where the tensors are
+    // channels-last. Planes and rows both give the core's maps (xp, gp, zc, gxp) channels-last.
     const int64_t r_out = u_out.defined() ? u_out.size(1) : 0, r_in = u_in.defined() ? u_in.size(1) : 0;
+    const bool planes = narrow_ranks(x, r_out, r_in) && narrow_planes(x) && narrow_planes(gy);
     const bool narrow = d == 2 && narrow_ranks(x, r_out, r_in);
-    const bool planes = narrow && narrow_planes(x) && narrow_planes(gy);
     const bool rows = narrow && !planes && narrow_hybrid_steps(static_cast<double>(std::max(x.numel(), gy.numel())));
-    auto as_map = [](const Tensor& r, const Tensor& like) {  // [N H W, c] -> [N, c, H, W], channels-last
-      return r.view({like.size(0), like.size(2), like.size(3), r.size(1)}).permute({0, 3, 1, 2});
+    auto as_map = [d](const Tensor& r, const Tensor& like) {  // [N H W, c] -> [N, c, H, W], channels-last
+      std::vector<int64_t> sizes{like.size(0)};
+      for (int64_t i = 2; i < 2 + d; ++i) sizes.push_back(like.size(i));
+      sizes.push_back(r.size(1));
+      return r.view(sizes).permute(from_channels_last_order(d));
     };
     auto project = [&](const Tensor& t, const Tensor& u) {  // t u: t's channels to u's r, a map
       return planes ? as_map(planes_mm(t, u), t)
@@ -1593,7 +1598,7 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
                                              (rows || x.is_contiguous(at::MemoryFormat::ChannelsLast))));
     Tensor xp, gxp;
     if (one_x_pass) {
-      Tensor xp_rows = at::empty({x.size(0) * x.size(2) * x.size(3), r_in}, x.options());
+      Tensor xp_rows = at::empty({x.numel() / x.size(1), r_in}, x.options());
       xp = as_map(xp_rows, x);  // its values are not read by the input gradient, only its shape
       gxp = std::get<0>(conv_grads(gp, xp, k, geo, true, false));
       out[5] = planes ? planes_tmm(x, pixel_rows(gxp), u_in, &xp_rows)

@@ -669,6 +669,7 @@ TEST(NarrowGemm, TheHybridNodeReadsNchwMapsAsPlanes) {
   // pixels), an odd batch with stride 2 (gy smaller than x), an identity output mode (gy's
   // steps absent) and ResNet-18's layer1 conv; on three threads, whatever the machine's count.
   // A rank of 40 (not a narrow width) keeps the node off the planes: oneDNN's 1x1 steps then.
+  // Conv1d (NCL) and Conv3d (NCDHW) maps are planes too.
   struct Threads {
     const int before = at::get_num_threads();
     explicit Threads(int n) { at::set_num_threads(n); }
@@ -689,17 +690,21 @@ TEST(NarrowGemm, TheHybridNodeReadsNchwMapsAsPlanes) {
       {"identity_output", {2, 16, 12, 12}, {16, 16, 3, 3}, {16, 8, 2, 2}, true, same},
       {"resnet18_layer1", {2, 64, 56, 56}, {64, 64, 3, 3}, {16, 16, 2, 2}, false, same},
       {"output_rank_40_not_planes", {2, 16, 12, 12}, {48, 16, 3, 3}, {40, 16, 2, 2}, false, same, false},
+      {"conv1d_ncl_stride2", {3, 24, 50}, {32, 24, 3}, {16, 8, 2}, false, {{2}, {1}, {1}, 1, PM::Zeros}},
+      {"conv3d_ncdhw", {2, 16, 4, 6, 5}, {24, 16, 3, 3, 3}, {8, 16, 2, 2, 2}, false,
+       {{1, 1, 1}, {1, 1, 1}, {1, 1, 1}, 1, PM::Zeros}},
   };
   for (const auto& c : rows) {
     auto x = torch::randn(c.x_shape).requires_grad_(true);
     const auto w = torch::randn(c.w_shape) * 0.05;
     auto core = torch::randn(c.ranks).requires_grad_(true);
-    std::vector<Tensor> factors(4), wrt{x, core};
-    for (size_t n = 0; n < 4; ++n)
+    const size_t modes = c.ranks.size();
+    std::vector<Tensor> factors(modes), wrt{x, core};
+    for (size_t n = 0; n < modes; ++n)
       if (n != 0 || !c.identity_out) wrt.push_back(factors[n] = (torch::randn({c.w_shape[n], c.ranks[n]}) * 0.3).requires_grad_(true));
-    std::vector<Tensor> wrt64, f64(4);
+    std::vector<Tensor> wrt64, f64(modes);
     for (const auto& t : wrt) wrt64.push_back(t.detach().to(torch::kFloat64).requires_grad_(true));
-    for (size_t n = 0, i = 2; n < 4; ++n)
+    for (size_t n = 0, i = 2; n < modes; ++n)
       if (factors[n].defined()) f64[n] = wrt64[i++];
     const Tensor ref = F::conv_nd(wrt64[0], w.to(torch::kFloat64), {}, c.geo) + F::conv_branch(wrt64[0], wrt64[1], f64, 0.7, c.geo);
     const Tensor probe = torch::randn_like(ref);  // contiguous NCHW, as a real loss's gradient

@@ -255,8 +255,8 @@ bool fuse_factorized_conv(double window_elements, bool narrow_kernels = false);
 /// from memory and oneDNN's convs were faster (docs/PERFORMANCE.md, "Session 19"). x's two
 /// (x U_in, U_in's gradient) run as one narrow pass over x from 2^18 elements of x at any size
 /// where x is channels-last (session 21); below 2^18 they follow this line too. Where x and gy
-/// are both contiguous NCHW the line does not apply: all four steps run on the kernels as
-/// planes at every size, x's two in one pass (session 22).
+/// are both contiguous (NCHW; NCL and NCDHW for Conv1d and Conv3d) the line does not apply: all
+/// four steps run on the kernels as planes at every size, x's two in one pass (session 22).
 bool narrow_hybrid_steps(double activation_elements);
 
 /// True when ConvPath::Separable applies to the target: a 2-d conv ([out, in/groups, kh, kw])
