@@ -1502,6 +1502,18 @@ ConvGeometry saved_geometry(torch::autograd::AutogradContext* ctx) {
 // A custom node's optional input: empty stands for none (custom functions take no undefined tensors).
 Tensor present(const Tensor& t) { return t.numel() ? t : Tensor(); }
 
+// Whether this LibTorch's 3-d CPU convolution keeps channels-last-3d maps (1.13's oneDNN path
+// copies them to contiguous and returns contiguous outputs; later versions may keep the layout).
+bool convs_take_channels_last_3d() {
+  static const bool yes = [] {
+    torch::NoGradGuard no_grad;
+    const auto cl = at::MemoryFormat::ChannelsLast3d;
+    const Tensor t = at::zeros({1, 8, 2, 2, 2}).contiguous(cl), w = at::zeros({8, 8, 1, 1, 1}).contiguous(cl);
+    return at::conv3d(t, w).is_contiguous(cl);
+  }();
+  return yes;
+}
+
 // The hybrid conv path as one autograd node. Inputs: x (padded already), W0, bias, the core
 // conv's kernel K = s G x_2 U_2 ... [r_0, r_1, k...], U_out [out, r_0], U_in [in, r_1]; an
 // empty tensor stands for no bias or an identity mode (custom functions take no undefined
@@ -1585,7 +1597,12 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     // (after the frozen convs, x and gy otherwise come from DRAM at about half the speed; the
     // node's step 0.001 to 0.014 faster at 128/28 and 64/56 than projecting x first,
     // docs/PERFORMANCE.md session 21).
-    const Tensor gp = u_out.defined() ? project(gy, u_out) : gy;
+    // The core's convs read the r-channel maps as they lie where oneDNN takes channels-last maps
+    // of their order. This LibTorch's 3-d convs do not: each call copied xp and gp to contiguous
+    // (three copies of xp and two of gp a step), so 3-d maps go contiguous once, here.
+    const bool contiguous_maps = planes && d == 3 && !convs_take_channels_last_3d();
+    auto core_map = [&](const Tensor& t) { return contiguous_maps ? t.contiguous() : t; };
+    const Tensor gp = u_out.defined() ? core_map(project(gy, u_out)) : gy;
     // x's two products in one pass over x (the core's input gradient first, then x U_in and x^T
     // gxp chunk by chunk): as planes, or on x's rows where they are a view and x has at least
     // 2^18 elements (narrow_mm_tmm). In-process A/B against the two apart on rows, 64/56 0.008 to
@@ -1599,14 +1616,17 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     Tensor xp, gxp;
     if (one_x_pass) {
       Tensor xp_rows = at::empty({x.numel() / x.size(1), r_in}, x.options());
-      xp = as_map(xp_rows, x);  // its values are not read by the input gradient, only its shape
-      gxp = std::get<0>(conv_grads(gp, xp, k, geo, true, false));
+      xp = as_map(xp_rows, x);
+      // Only the shape of the input-gradient conv's input is read, not its values (xp is empty).
+      const Tensor shape_donor = contiguous_maps ? at::empty(xp.sizes(), xp.options()) : xp;
+      gxp = std::get<0>(conv_grads(gp, shape_donor, k, geo, true, false));
       out[5] = planes ? planes_tmm(x, pixel_rows(gxp), u_in, &xp_rows)
                       : narrow_mm_tmm(pixel_rows(x), u_in, pixel_rows(gxp), xp_rows);
       one_x_pass = out[5].defined();  // refused operands: the two products apart, below
+      xp = core_map(xp);
     }
     const bool in_apart = want_in && !one_x_pass;
-    if (!one_x_pass) xp = u_in.defined() ? project(x, u_in) : x;
+    if (!one_x_pass) xp = u_in.defined() ? core_map(project(x, u_in)) : x;
     if (want_out) {
       const Tensor zc = conv_nd(xp, k, {}, geo);
       out[4] = planes ? planes_tmm(gy, pixel_rows(zc))
@@ -1757,6 +1777,14 @@ Tensor hybrid_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   if (full_shape(core, factors) != weight.sizes().vec())
     throw InvalidArgument("hybrid_conv: the update's shape " + format_shape(full_shape(core, factors)) +
                           " differs from the weight's " + format_shape(weight.sizes().vec()));
+  // A Conv1d as the 2-d conv over [N, C, 1, L] that conv1d itself runs: oneDNN's 2-d convs take
+  // the node's channels-last r-channel maps as they are, where conv1d copies each to contiguous
+  // first (eight copies of 3.2 MB a step at 64 channels, L 3136; docs/PERFORMANCE.md, session 22).
+  if (d == 1) {
+    const ConvGeometry g2{{1, geo.stride[0]}, {0, geo.padding[0]}, {1, geo.dilation[0]}, 1, geo.padding_mode};
+    const std::vector<Tensor> f2{factors[0], factors[1], Tensor(), factors[2]};
+    return hybrid_conv(x.unsqueeze(2), weight.unsqueeze(2), bias, core.unsqueeze(2), f2, scale, g2).squeeze(2);
+  }
   // Every tensor in the weight's dtype, autocast off: the hand-written backward runs after any
   // autocast scope has closed, and forward and backward must agree.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
