@@ -1363,10 +1363,9 @@ Tensor narrow_mm_tmm(const Tensor& x, const Tensor& u, const Tensor& g, Tensor& 
 
 // NCHW maps as planes. A contiguous t [N, C, H, W] (or [N, C, L], [N, C, D, H, W]) holds each
 // image's channels as rows of its H W pixels, so t's products with a narrow factor are the same
-// kernels with the roles swapped,
-// reading t where it lies: t U is narrow_tmm of each image's [C, H W] block against U, written as
-// pixel rows (channels-last order), and t^T g is narrow_mm of that block against g's rows, with
-// the pixels as the summed side. oneDNN's 1x1 convs reorder NCHW maps first and took 2.2 to 2.9x
+// kernels with the roles swapped, reading t where it lies: t U is narrow_tmm of each image's
+// [C, H W] block against U, written as pixel rows (channels-last order), and t^T g is narrow_mm
+// of that block against g's rows, with the pixels as the summed side. oneDNN's 1x1 convs reorder NCHW maps first and took 2.2 to 2.9x
 // as long at 64 to 256 channels (docs/PERFORMANCE.md, session 22).
 bool narrow_planes(const Tensor& t) {
   return t.dim() >= 3 && t.dim() <= 5 && t.numel() > 0 && t.is_contiguous() && t.scalar_type() == at::kFloat &&
