@@ -960,12 +960,18 @@ void save_recipe(torch::autograd::AutogradContext* ctx, const RecomputableInput&
   d["gpu_dtype"] = static_cast<int64_t>(autocast.gpu_dtype);
 }
 
-// x = f(sources) as forward had it, in dtype. `who` names the caller in the create_graph error.
-Tensor recompute_saved(torch::autograd::AutogradContext* ctx, const std::vector<Tensor>& sources, at::ScalarType dtype,
-                       const char* who) {
-  if (torch::GradMode::is_enabled())  // create_graph: the gradient's dependence on the sources is not recorded
+// A backward that recomputes its input records no dependence of the gradients on the sources,
+// so create_graph is refused there. `who` names the caller.
+void refuse_create_graph_through_recompute(const char* who) {
+  if (torch::GradMode::is_enabled())
     throw InvalidArgument(std::string(who) + ": double backward (create_graph) through a RecomputableInput is not supported "
                           "(hint: pass in.value() instead, or flora::nn::set_recompute_inputs(false))");
+}
+
+// x = f(sources) as forward had it, in dtype (no create_graph: see above).
+Tensor recompute_saved(torch::autograd::AutogradContext* ctx, const std::vector<Tensor>& sources, at::ScalarType dtype,
+                       const char* who) {
+  refuse_create_graph_through_recompute(who);
   auto& d = ctx->saved_data;
   const auto recipe = RecomputableInput::recipe(static_cast<RecomputableInput::Op>(d["op"].toInt()),
                                                 d["approximate"].toStringRef(), d["shape"].toIntVector(), d["eps"].toDouble());
@@ -1464,6 +1470,11 @@ bool narrow_wide_mm(Tensor& c, const Tensor& a, const Tensor& b, bool accumulate
   return narrow_add_mm(c, accumulate ? c : Tensor(), a, b);
 }
 
+// c += a b in place: on the kernels where they apply, LibTorch's addmm_ otherwise.
+void add_product_(Tensor& c, const Tensor& a, const Tensor& b) {
+  if (!narrow_wide_mm(c, a, b, true)) c.addmm_(a, b);
+}
+
 // a b for a [P, k] (k narrow) and b [k, m], a new tensor.
 Tensor narrow_wide_mm(const Tensor& a, const Tensor& b) {
   if (!narrow_operand(a) || !narrow_operand(b)) return a.mm(b);  // no output allocated for nothing
@@ -1578,8 +1589,9 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
     // GEMMs on the pixels' channel rows (narrow_mm, narrow_tmm), views where the tensors are
     // channels-last. Planes and rows both give the core's maps (xp, gp, zc, gxp) channels-last.
     const int64_t r_out = u_out.defined() ? u_out.size(1) : 0, r_in = u_in.defined() ? u_in.size(1) : 0;
-    const bool planes = narrow_ranks(x, r_out, r_in) && narrow_planes(x) && narrow_planes(gy);
-    const bool narrow = d == 2 && narrow_ranks(x, r_out, r_in);
+    const bool narrow_both = narrow_ranks(x, r_out, r_in);
+    const bool planes = narrow_both && narrow_planes(x) && narrow_planes(gy);
+    const bool narrow = d == 2 && narrow_both;
     const bool rows = narrow && !planes && narrow_hybrid_steps(static_cast<double>(std::max(x.numel(), gy.numel())));
     auto as_map = [d](const Tensor& r, const Tensor& like) {  // [N H W, c] -> [N, c, H, W], channels-last
       std::vector<int64_t> sizes{like.size(0)};
@@ -1676,7 +1688,7 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
     else
       at::mm_out(y_rows, rows, w0.t());
     const Tensor h = narrow_mm(rows, a.t());
-    if (!narrow_add_mm(y_rows, y_rows, h, u_out.t())) y_rows.addmm_(h, u_out.t());
+    add_product_(y_rows, h, u_out.t());
     std::vector<Tensor> keep{w0, a, u_out, h};
     if (in) {
       for (const auto& t : in->sources()) keep.push_back(t);
@@ -1698,7 +1710,7 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
     const Tensor &w0 = saved[0], &a = saved[1], &u_out = saved[2];
     const bool recompute = ctx->saved_data["recompute"].toBool();
     const bool graph = torch::GradMode::is_enabled();  // create_graph: differentiable ops only
-    if (graph && recompute) recompute_saved(ctx, {}, a.scalar_type(), "adapted_linear");  // throws, with a hint
+    if (recompute) refuse_create_graph_through_recompute("adapted_linear");
     auto rows = [&] {  // x as [P, in]
       if (!recompute) return saved[4];
       const Tensor x = recompute_saved(ctx, std::vector<Tensor>(saved.begin() + 4, saved.end()), a.scalar_type(), "adapted_linear");
@@ -1709,7 +1721,10 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
     const Tensor gh = graph ? gy.mm(u_out) : narrow_mm(gy, u_out);
     if (ctx->needs_input_grad(0)) {
       Tensor gx = gy.mm(w0);
-      if (graph || !narrow_add_mm(gx, gx, gh, a)) gx = graph ? gx + gh.mm(a) : gx.addmm_(gh, a);
+      if (graph)
+        gx = gx + gh.mm(a);
+      else
+        add_product_(gx, gh, a);
       std::vector<int64_t> shape = grads[0].sizes().vec();
       shape.back() = w0.size(1);
       out[0] = gx.view(shape);
@@ -1888,7 +1903,7 @@ void add_rows(Tensor& t, const Tensor& a, const Tensor& b) {
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     Tensor rows = t.permute({0, 2, 3, 1}).view({-1, C});
     if (!b.defined()) rows.add_(a);
-    else if (!narrow_wide_mm(rows, a, b, true)) rows.addmm_(a, b);
+    else add_product_(rows, a, b);
     return;
   }
   t.permute({0, 2, 3, 1}).add_((b.defined() ? narrow_wide_mm(a, b) : a).view({N, H, W, C}));

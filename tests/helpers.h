@@ -15,6 +15,11 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
 }
 
+/// max |a - b| relative to b's largest magnitude: a float32 result against a float64 reference.
+inline double relative_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return max_abs_diff(a, b) / b.abs().max().item<double>();
+}
+
 /// Fills every tensor with N(0, std) under no-grad (to move adapters away from their zero init).
 inline void randomize(const std::vector<torch::Tensor>& params, double std = 0.8) {
   torch::NoGradGuard g;

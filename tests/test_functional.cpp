@@ -19,6 +19,7 @@ namespace {
 
 namespace F = flora::functional;
 using flora_test::max_abs_diff;
+using flora_test::relative_diff;
 using torch::Tensor;
 
 const auto kF64 = torch::TensorOptions().dtype(torch::kFloat64);
@@ -553,12 +554,12 @@ TEST(FusedFactorizedConv, FloatMatchesTheDoubleOpChainAtResNetLayer4Size) {
   std::vector<Tensor> fd{d(factors[0]), d(factors[1]), d(factors[2]), d(factors[3])};
   const Tensor xd = d(x), cd = d(core);
   const Tensor ref = F::conv_nd(xd, w.to(torch::kFloat64), {}, geo) + F::conv_branch(xd, cd, fd, 0.5, geo);
-  EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5);
+  EXPECT_LT(relative_diff(y, ref), 1e-5);
   const Tensor probe = torch::randn_like(ref);
   const auto got = torch::autograd::grad({y}, {x, core, factors[0], factors[1]}, {probe.to(torch::kFloat32)});
   const auto want = torch::autograd::grad({ref}, {xd, cd, fd[0], fd[1]}, {probe});
   for (size_t i = 0; i < got.size(); ++i)
-    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-4) << i;
+    EXPECT_LT(relative_diff(got[i], want[i]), 1e-4) << i;
 }
 
 TEST(NarrowGemm, FusedAndHybridConvInFloatMatchTheDoubleOpChain) {
@@ -603,10 +604,10 @@ TEST(NarrowGemm, FusedAndHybridConvInFloatMatchTheDoubleOpChain) {
       const Tensor y = hybrid ? F::hybrid_conv(x, w, {}, core, factors, 0.7, c.geo)
                               : F::fused_factorized_conv(x, w, {}, core, factors, 0.7, c.geo);
       ASSERT_EQ(y.sizes(), ref.sizes()) << name;
-      EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5) << name;
+      EXPECT_LT(relative_diff(y, ref), 1e-5) << name;
       const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
       for (size_t i = 0; i < got.size(); ++i)
-        EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5)
+        EXPECT_LT(relative_diff(got[i], want[i]), 1e-5)
             << name << " gradient " << i;
       // The figures above came from the kernels (every product kind entered), or, without AVX2,
       // from LibTorch alone.
@@ -649,9 +650,9 @@ TEST(NarrowGemm, TheHybridNodeGivesGysStepsToOneDnnAbove2To20ElementsAndKeepsXsO
     const Tensor y = F::hybrid_conv(x, w, {}, core, factors, 0.7, geo);
     const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
     const auto after = flora::detail::narrow_calls();
-    EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5) << name;
+    EXPECT_LT(relative_diff(y, ref), 1e-5) << name;
     for (size_t i = 0; i < got.size(); ++i)
-      EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5)
+      EXPECT_LT(relative_diff(got[i], want[i]), 1e-5)
           << name << " gradient " << i;
     const bool kernels = flora::detail::avx2_fma_enabled();
     EXPECT_EQ(after.mm > before.mm, kernels && small) << name << ": gy U_out";
@@ -713,9 +714,9 @@ TEST(NarrowGemm, TheHybridNodeReadsNchwMapsAsPlanes) {
     const Tensor y = F::hybrid_conv(x, w, {}, core, factors, 0.7, c.geo);
     const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
     const auto after = flora::detail::narrow_calls();
-    EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5) << c.name;
+    EXPECT_LT(relative_diff(y, ref), 1e-5) << c.name;
     for (size_t i = 0; i < got.size(); ++i)
-      EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5)
+      EXPECT_LT(relative_diff(got[i], want[i]), 1e-5)
           << c.name << " gradient " << i;
     const bool kernels = flora::detail::avx2_fma_enabled();
     EXPECT_EQ(after.tmm > before.tmm, kernels && c.planes) << c.name << ": x U_in (and gy U_out) as planes";
@@ -1065,10 +1066,10 @@ TEST_P(AdaptedLinearBattery, EqualsTheDoubleCompositionInOutputAndEveryGradient)
   const auto before = flora::detail::narrow_calls();
   const Tensor y = F::adapted_linear(x, w, b, core, f, 0.7);
   ASSERT_EQ(y.sizes(), ref.sizes());
-  EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5);
+  EXPECT_LT(relative_diff(y, ref), 1e-5);
   const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
   for (size_t i = 0; i < got.size(); ++i)
-    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5) << "gradient " << i;
+    EXPECT_LT(relative_diff(got[i], want[i]), 1e-5) << "gradient " << i;
   const auto after = flora::detail::narrow_calls();
   const bool node = c.fuses && kernels;
   EXPECT_EQ(after.mm > before.mm, node) << "x A^T and gy U_out";
@@ -1105,12 +1106,12 @@ TEST(AdaptedLinear, ItsOutputTakesInPlaceOps) {
   const std::vector<Tensor> f64{d(f[0]), d(f[1])};
   const Tensor ref = torch::relu(torch::linear(x64, w.to(torch::kFloat64), b.to(torch::kFloat64)) +
                                  F::linear_branch(x64, core64, f64, 0.7) + skip.to(torch::kFloat64));
-  EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5);
+  EXPECT_LT(relative_diff(y, ref), 1e-5);
   const Tensor probe = torch::randn_like(ref);
   const auto want = torch::autograd::grad({ref}, {x64, core64, f64[0], f64[1]}, {probe});
   const auto got = torch::autograd::grad({y}, {x, core, f[0], f[1]}, {probe.to(torch::kFloat32)});
   for (size_t i = 0; i < got.size(); ++i)
-    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5) << "gradient " << i;
+    EXPECT_LT(relative_diff(got[i], want[i]), 1e-5) << "gradient " << i;
 }
 
 TEST(AdaptedLinear, DoubleBackwardEqualsTheComposition) {
@@ -1133,7 +1134,7 @@ TEST(AdaptedLinear, DoubleBackwardEqualsTheComposition) {
   const Tensor ref = torch::linear(x64, w.to(torch::kFloat64), b.to(torch::kFloat64)) + F::linear_branch(x64, core64, f64, 0.7);
   const auto want = penalty_grads(ref, x64, {x64, core64, f64[0], f64[1]});
   for (size_t i = 0; i < got.size(); ++i)
-    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5) << "gradient " << i;
+    EXPECT_LT(relative_diff(got[i], want[i]), 1e-5) << "gradient " << i;
 }
 
 TEST(AdaptedLinear, OnARecomputableInputKeepsTheSourcesNotTheInput) {
@@ -1157,12 +1158,12 @@ TEST(AdaptedLinear, OnARecomputableInputKeepsTheSourcesNotTheInput) {
   const std::vector<Tensor> f64{d(f[0]), d(f[1])};
   const Tensor ref = torch::linear(torch::gelu(h64), w.to(torch::kFloat64), b.to(torch::kFloat64)) +
                      F::linear_branch(torch::gelu(h64), core64, f64, 0.7);
-  EXPECT_LT(max_abs_diff(y.to(torch::kFloat64), ref) / ref.abs().max().item<double>(), 1e-5);
+  EXPECT_LT(relative_diff(y, ref), 1e-5);
   const Tensor probe = torch::randn_like(ref);
   const auto want = torch::autograd::grad({ref}, {h64, core64, f64[0], f64[1]}, {probe});
   const auto got = torch::autograd::grad({y}, {h, core, f[0], f[1]}, {probe.to(torch::kFloat32)}, true);
   for (size_t i = 0; i < got.size(); ++i)
-    EXPECT_LT(max_abs_diff(got[i].to(torch::kFloat64), want[i]) / want[i].abs().max().item<double>(), 1e-5) << "gradient " << i;
+    EXPECT_LT(relative_diff(got[i], want[i]), 1e-5) << "gradient " << i;
   if (flora::detail::avx2_fma_enabled()) {
     const std::string m = flora_test::error_message([&] {
       torch::autograd::grad({y}, {core}, {probe.to(torch::kFloat32)}, true, true);
