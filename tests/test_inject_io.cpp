@@ -186,6 +186,32 @@ TEST_P(AdapterDir, SaveThenLoadGivesTheSameOutputs) {
     EXPECT_EQ(file.info("base_model.model.fc1.lora_A.weight").shape, (std::vector<int64_t>{1, 8}));
     EXPECT_EQ(file.info("base_model.model.tok.lora_embedding_A").shape, (std::vector<int64_t>{2, 10}));
     EXPECT_EQ(file.info("base_model.model.tok.lora_embedding_B").shape, (std::vector<int64_t>{4, 2}));
+    // The depthwise conv (8 groups) is saved in PEFT's grouped layout, lora_A repeated per group
+    // (rank 8 x 2), and loads back at the rank it was saved from, with the same tensors.
+    EXPECT_EQ(file.info("base_model.model.features.2.lora_A.weight").shape, (std::vector<int64_t>{16, 1, 3, 3}));
+    EXPECT_EQ(file.info("base_model.model.features.2.lora_B.weight").shape, (std::vector<int64_t>{8, 2, 1, 1}));
+    auto depthwise = [](Net& n) { return n->features[2]->as<flora::nn::Conv2d>()->adapter(); };
+    const auto saved_from = depthwise(net), reloaded = depthwise(fresh);
+    EXPECT_EQ(reloaded->spec().ranks, saved_from->spec().ranks);
+    EXPECT_EQ(reloaded->scale(), saved_from->scale());
+    EXPECT_TRUE(torch::equal(reloaded->core(), saved_from->core()));
+    EXPECT_TRUE(torch::equal(reloaded->factors()[0], saved_from->factors()[0]));
+
+    // A PEFT-trained grouped adapter has its own lora_A block per group: it loads as the block
+    // form (rank 16, lora_B block-diagonal), whose dW is group j's B_j A_j.
+    auto tensors = file.load_all();
+    torch::Tensor a, b;
+    for (auto& [name, t] : tensors) {
+      if (name == "base_model.model.features.2.lora_A.weight") a = t = t + torch::randn_like(t);
+      if (name == "base_model.model.features.2.lora_B.weight") b = t;
+    }
+    flora::io::save_safetensors(dir + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
+    auto peft = make_net();
+    flora::io::load_adapter(*peft, dir);
+    const auto blocks = depthwise(peft);
+    EXPECT_EQ(blocks->spec().ranks, (std::vector<int64_t>{16, 1, 3, 3}));
+    const auto want = saved_from->scale() * torch::einsum("ok,okihw->oihw", {b.view({8, 2}), a.view({8, 2, 1, 3, 3})});
+    EXPECT_LT(max_abs_diff(blocks->delta_weight(), want.to(torch::kFloat64)), 1e-12);
   }
   fs::remove_all(dir);
 }

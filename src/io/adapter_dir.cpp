@@ -33,6 +33,16 @@ constexpr int kFormatVersion = 1;
   throw Error("adapter '" + dir + "': " + what + (hint.empty() ? "" : " (hint: " + hint + ")"));
 }
 
+// Whether lora_A's `groups` blocks of rows are equal bit for bit: flora's own saves repeat one
+// block per group (PEFT's grouped layout of a rank r / groups update); PEFT trains them apart.
+bool repeats_per_group(const torch::Tensor& a, int64_t groups) {
+  if (a.size(0) % groups != 0) return false;
+  const auto blocks = a.reshape({groups, a.size(0) / groups, -1});
+  for (int64_t j = 1; j < groups; ++j)
+    if (!torch::equal(blocks[j], blocks[0])) return false;
+  return true;
+}
+
 struct Entry {
   std::string name;
   nn::AdaptableLayer* layer;
@@ -332,6 +342,7 @@ AdapterDirectory read_adapter(const std::string& dir) {
                       " with r = " + std::to_string(r), "check r / rank_pattern in adapter_config.json");
       };
       if (r < 1) fail(dir, "module '" + module + "' has r = " + std::to_string(r), "r must be positive");
+      p.scale = out.use_rslora ? p.lora_alpha / std::sqrt(static_cast<double>(r)) : p.lora_alpha / static_cast<double>(r);
       if (p.embedding) {
         if (a.dim() != 2 || a.size(0) != r) bad("lora_embedding_A", a, "[r, num_embeddings]");
         if (b.dim() != 2 || b.size(1) != r) bad("lora_embedding_B", b, "[embedding_dim, r]");
@@ -344,18 +355,27 @@ AdapterDirectory read_adapter(const std::string& dir) {
         for (int64_t d = 2; pointwise && d < b.dim(); ++d) pointwise = b.size(d) == 1;
         if (!pointwise) bad("lora_B.weight", b, "[out, r/groups, 1...]");
         const int64_t groups = r / b.size(1), out_per_group = b.size(0) / groups, r_per_group = b.size(1);
-        p.core = a;
-        // The grouped 1x1 conv as one [out, r] matrix: block j maps rank channels of group j to
-        // the outputs of group j (zero elsewhere), so dW_(0) = B A exactly as for groups = 1.
-        auto dense = torch::zeros({b.size(0), r}, b.options());
-        auto b2 = b.reshape({b.size(0), r_per_group});
-        for (int64_t j = 0; j < groups; ++j)
-          dense.slice(0, j * out_per_group, (j + 1) * out_per_group).slice(1, j * r_per_group, (j + 1) * r_per_group)
-              .copy_(b2.slice(0, j * out_per_group, (j + 1) * out_per_group));
-        p.factors[0] = dense;
+        const auto b2 = b.reshape({b.size(0), r_per_group});
+        if (groups > 1 && repeats_per_group(a, groups)) {
+          // Every group sees the same lora_A block, as flora's own saves write them (FORMATS.md):
+          // dW_(0) = B A_0 with B as one [out, r/groups] matrix, the rank the adapter was saved
+          // from. The scaling is kept (alpha restated for r/groups), so dW is the saved one.
+          p.core = a.slice(0, 0, r_per_group);
+          p.factors[0] = b2;
+          p.lora_rank = r_per_group;
+          p.lora_alpha = out.use_rslora ? p.scale * std::sqrt(static_cast<double>(r_per_group)) : p.scale * static_cast<double>(r_per_group);
+        } else {
+          p.core = a;
+          // The grouped 1x1 conv as one [out, r] matrix: block j maps rank channels of group j to
+          // the outputs of group j (zero elsewhere), so dW_(0) = B A exactly as for groups = 1.
+          auto dense = torch::zeros({b.size(0), r}, b.options());
+          for (int64_t j = 0; j < groups; ++j)
+            dense.slice(0, j * out_per_group, (j + 1) * out_per_group).slice(1, j * r_per_group, (j + 1) * r_per_group)
+                .copy_(b2.slice(0, j * out_per_group, (j + 1) * out_per_group));
+          p.factors[0] = dense;
+        }
         p.groups = groups;
       }
-      p.scale = out.use_rslora ? p.lora_alpha / std::sqrt(static_cast<double>(r)) : p.lora_alpha / static_cast<double>(r);
     }
     if (layers.contains(module) && layers[module].is_object()) {
       const auto& info = layers[module];
@@ -439,6 +459,7 @@ std::vector<std::string> load_adapter(const NamedLayers& model_layers, const std
     const auto dtype = layer->weight.dtype();
     a->core_parameter().copy_(p.core.to(dtype));
     for (const auto& [n, f] : p.factors) a->factors()[n].copy_(f.to(dtype));
+    if (stored.method == Method::Lora) a->set_scale(p.scale);  // the file's scaling, even where r was restated
     loaded.push_back(p.name);
   }
   return loaded;
