@@ -1663,19 +1663,23 @@ struct HybridConv : public torch::autograd::Function<HybridConv> {
 
 namespace {
 
-// linear(x, W0, b) + x A^T U_out^T as one autograd node, A = s G U_in^T [r, in] (r narrow)
-// computed outside it, so the core's and U_in's gradients come through A's own ops. Forward:
-// the base GEMM, then h = x A^T (narrow_mm) and y += h U_out^T in place (narrow_add_mm).
-// Backward: gx = gy W0, then gh = gy U_out and gx += gh A in place; gU_out = gy^T h and gA =
-// (x^T gh)^T (narrow_tmm). So no full-size adds (the branch's output onto the base's, its input
-// gradient onto the base's), five autograd nodes fewer, and the four thin products on the
-// narrow kernels rather than OpenBLAS (docs/PERFORMANCE.md, session 22). Saved: W0, A, U_out,
-// h ([P, r]) and x, or, given a RecomputableInput, its sources instead of x (rebuilt for gA as
-// RecomputedProjection does). With create_graph, backward runs the same products as
-// differentiable ATen ops (h recomputed from x and A), so double backward is the composition's.
+// linear(x, W0, b) + x A^T U_out^T as one autograd node, A = s G U_in^T [r, in] (r narrow; A =
+// s G where U_in is an identity mode) built inside it, so the core's and U_in's gradients come
+// from A's in the node too (no autograd nodes of their own). Forward: A, the base GEMM, then h =
+// x A^T (narrow_mm) and y += h U_out^T in place (narrow_add_mm). Backward: gx = gy W0, then gh =
+// gy U_out and gx += gh A in place; gU_out = gy^T h and x^T gh (narrow_tmm), whence gG = s (x^T
+// gh)^T U_in and gU_in = s (x^T gh) G. So no full-size adds (the branch's output onto the
+// base's, its input gradient onto the base's), seven autograd nodes fewer, and the four thin
+// products on the narrow kernels rather than OpenBLAS (docs/PERFORMANCE.md, sessions 22 and
+// 23). Saved: W0, A, U_out, h ([P, r]), G, U_in and x, or, given a RecomputableInput, its
+// sources instead of x (rebuilt for the factor gradients as RecomputedProjection does). With
+// create_graph, backward runs the same products as differentiable ATen ops (A rebuilt from G
+// and U_in, h from x and A), so double backward is the composition's.
 struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w0, const Tensor& b,
-                        const Tensor& a, const Tensor& u_out, const RecomputableInput* in) {
+                        const Tensor& core, const Tensor& u_in, const Tensor& u_out, double scale,
+                        const RecomputableInput* in) {
+    const bool has_u_in = u_in.numel() > 0;
     const Tensor rows = x.view({-1, x.size(-1)});
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = w0.size(0);
@@ -1687,35 +1691,41 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
       at::addmm_out(y_rows, b, rows, w0.t());
     else
       at::mm_out(y_rows, rows, w0.t());
+    const Tensor a = has_u_in ? at::mm(core, u_in.t()).mul_(scale) : core * scale;
     const Tensor h = narrow_mm(rows, a.t());
     add_product_(y_rows, h, u_out.t());
-    std::vector<Tensor> keep{w0, a, u_out, h};
+    std::vector<Tensor> keep{w0, a, u_out, h, core, u_in};
     if (in) {
       for (const auto& t : in->sources()) keep.push_back(t);
       save_recipe(ctx, *in, AutocastState{});
     } else {
-      keep.push_back(rows);
+      keep.push_back(x);  // x itself, not a view made here: that would carry no graph for create_graph
     }
     ctx->save_for_backward(keep);
     ctx->saved_data["bias"] = b.numel() > 0;
+    ctx->saved_data["u_in"] = has_u_in;
+    ctx->saved_data["scale"] = scale;
     ctx->saved_data["recompute"] = in != nullptr;
     return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    torch::autograd::variable_list out(6);  // x, w0, b, a, u_out, in
+    torch::autograd::variable_list out(8);  // x, w0, b, core, u_in, u_out, scale, in
     if (!grads[0].defined()) return out;
     const auto saved = ctx->get_saved_variables();
-    const Tensor &w0 = saved[0], &a = saved[1], &u_out = saved[2];
+    const Tensor &w0 = saved[0], &u_out = saved[2], &core = saved[4], &u_in = saved[5];
+    const bool has_u_in = ctx->saved_data["u_in"].toBool();
+    const double scale = ctx->saved_data["scale"].toDouble();
     const bool recompute = ctx->saved_data["recompute"].toBool();
     const bool graph = torch::GradMode::is_enabled();  // create_graph: differentiable ops only
     if (recompute) refuse_create_graph_through_recompute("adapted_linear");
     auto rows = [&] {  // x as [P, in]
-      if (!recompute) return saved[4];
-      const Tensor x = recompute_saved(ctx, std::vector<Tensor>(saved.begin() + 4, saved.end()), a.scalar_type(), "adapted_linear");
+      const Tensor x = recompute ? recompute_saved(ctx, std::vector<Tensor>(saved.begin() + 6, saved.end()), core.scalar_type(), "adapted_linear")
+                                 : saved[6];
       return x.reshape({-1, x.size(-1)}).contiguous();
     };
+    const Tensor a = !graph ? saved[1] : has_u_in ? (core * scale).mm(u_in.t()) : core * scale;
     const Tensor gy = grads[0].reshape({-1, w0.size(0)}).contiguous();
     const Tensor h = graph ? rows().mm(a.t()) : saved[3];
     const Tensor gh = graph ? gy.mm(u_out) : narrow_mm(gy, u_out);
@@ -1729,12 +1739,16 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
       shape.back() = w0.size(1);
       out[0] = gx.view(shape);
     }
-    const bool want_a = ctx->needs_input_grad(3);
-    const Tensor x = ctx->needs_input_grad(1) || want_a ? rows() : Tensor();
+    const bool want_core = ctx->needs_input_grad(3), want_u_in = has_u_in && ctx->needs_input_grad(4);
+    const Tensor x = ctx->needs_input_grad(1) || want_core || want_u_in ? rows() : Tensor();
     if (ctx->needs_input_grad(1)) out[1] = gy.t().mm(x);
     if (ctx->needs_input_grad(2) && ctx->saved_data["bias"].toBool()) out[2] = gy.sum(0);
-    if (want_a) out[3] = (graph ? x.t().mm(gh) : narrow_tmm(x, gh)).t();
-    if (ctx->needs_input_grad(4)) out[4] = graph ? gy.t().mm(h) : narrow_tmm(gy, h);
+    if (want_core || want_u_in) {
+      const Tensor xg = graph ? x.t().mm(gh) * scale : narrow_tmm(x, gh).mul_(scale);  // s (x^T gh) = s gA^T [in, r_out]
+      if (want_core) out[3] = has_u_in ? xg.t().mm(u_in) : xg.t();
+      if (want_u_in) out[4] = xg.mm(core);
+    }
+    if (ctx->needs_input_grad(5)) out[5] = graph ? gy.t().mm(h) : narrow_tmm(gy, h);
     return out;
   }
 };
@@ -1742,13 +1756,16 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
 // adapted_linear's two overloads: the node where it applies, checked, else the composition.
 Tensor adapted_linear_node(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& core,
                            const std::vector<Tensor>& factors, double scale, const RecomputableInput* in) {
-  const Tensor a = linear_input_side(core, factors, scale);
-  if (x.size(-1) != a.size(1) || weight.dim() != 2 || weight.size(1) != a.size(1) || factors[0].size(0) != weight.size(0))
+  check_factors(core, factors, "adapted_linear");
+  const int64_t in_features = factors[1].defined() ? factors[1].size(0) : core.size(1);
+  if (x.size(-1) != in_features || weight.dim() != 2 || weight.size(1) != in_features || factors[0].size(0) != weight.size(0))
     throw InvalidArgument("adapted_linear: x " + format_shape(x.sizes().vec()) + ", weight " +
                           format_shape(weight.sizes().vec()) + " and the update's [" +
-                          std::to_string(factors[0].size(0)) + ", " + std::to_string(a.size(1)) +
+                          std::to_string(factors[0].size(0)) + ", " + std::to_string(in_features) +
                           "] disagree (hint: x [..., in], weight [out, in], factors [out, r_out] and [in, r_in])");
-  return AdaptedLinear::apply(x, weight, bias.defined() ? bias : at::empty({0}, weight.options()), a, factors[0], in);
+  const Tensor none = at::empty({0}, weight.options());
+  return AdaptedLinear::apply(x, weight, bias.defined() ? bias : none, core, factors[1].defined() ? factors[1] : none,
+                              factors[0], scale, in);
 }
 
 }  // namespace
