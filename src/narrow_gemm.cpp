@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 namespace flora {
 namespace detail {
@@ -213,6 +214,76 @@ FLORA_INLINE void addmm_any(const float* a, const float* b, float* c, int64_t ld
   for (; p < rows; ++p) addmm_row_block<V, 1>(a + p * k, b, c + p * ldc, ldc, k, m, base ? base + p * ldb : nullptr, ldb);
 }
 
+// The separable core conv's two filters (separable_conv below), on rows of c channels (c a
+// multiple of L), with at most kMaxTaps taps broadcast once per call. W-filter: out[x] = sum_j
+// taps[j rw] row[x + j - kw / 2], zero outside the row; the interior without bounds checks.
+constexpr int64_t kMaxTaps = 63;
+template <class V>
+FLORA_INLINE void w_filter(const float* row, float* out, const float* taps, int64_t rw, int64_t kw, int64_t w, int64_t c) {
+  constexpr int L = V::L;
+  const int64_t pw = kw / 2;
+  typename V::t t[kMaxTaps];
+  for (int64_t j = 0; j < kw; ++j) t[j] = splat<V>(taps[j * rw]);
+  auto edge = [&](int64_t x) {
+    for (int64_t ch = 0; ch < c; ch += L) {
+      typename V::t acc{};
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t xx = x + j - pw;
+        if (xx >= 0 && xx < w) acc += t[j] * load<V>(row + xx * c + ch);
+      }
+      store<V>(out + x * c + ch, acc);
+    }
+  };
+  const int64_t lo = std::min(pw, w), hi = std::max(lo, w - pw);
+  for (int64_t x = 0; x < lo; ++x) edge(x);
+  if (kw == 3) {
+    for (int64_t x = lo; x < hi; ++x) {
+      const float* r = row + (x - 1) * c;
+      for (int64_t ch = 0; ch < c; ch += L)
+        store<V>(out + x * c + ch, t[0] * load<V>(r + ch) + t[1] * load<V>(r + c + ch) + t[2] * load<V>(r + 2 * c + ch));
+    }
+  } else {
+    for (int64_t x = lo; x < hi; ++x) {
+      const float* r = row + (x - pw) * c;
+      for (int64_t ch = 0; ch < c; ch += L) {
+        typename V::t acc{};
+        for (int64_t j = 0; j < kw; ++j) acc += t[j] * load<V>(r + j * c + ch);
+        store<V>(out + x * c + ch, acc);
+      }
+    }
+  }
+  for (int64_t x = hi; x < w; ++x) edge(x);
+}
+
+// H-filter into the mix's rows: s[x, ch] = sum_dh taps[dh rh] rows[dh][x, ch] over the rows
+// present (nullptr: outside the image), s with row stride lds.
+template <class V>
+FLORA_INLINE void h_filter(const float* const* rows, const float* taps, int64_t rh, int64_t kh, float* s, int64_t lds,
+                           int64_t w, int64_t c) {
+  constexpr int L = V::L;
+  typename V::t t[kMaxTaps];
+  const float* in[kMaxTaps];
+  int64_t m = 0;
+  for (int64_t dh = 0; dh < kh; ++dh)
+    if (rows[dh]) {
+      t[m] = splat<V>(taps[dh * rh]);
+      in[m++] = rows[dh];
+    }
+  const int64_t n = w * c;
+  if (m == 3) {
+    for (int64_t x = 0, o = 0; o < n; ++x, o += c)
+      for (int64_t ch = 0; ch < c; ch += L)
+        store<V>(s + x * lds + ch, t[0] * load<V>(in[0] + o + ch) + t[1] * load<V>(in[1] + o + ch) + t[2] * load<V>(in[2] + o + ch));
+    return;
+  }
+  for (int64_t x = 0, o = 0; o < n; ++x, o += c)
+    for (int64_t ch = 0; ch < c; ch += L) {
+      typename V::t acc{};
+      for (int64_t i = 0; i < m; ++i) acc += t[i] * load<V>(in[i] + o + ch);
+      store<V>(s + x * lds + ch, acc);
+    }
+}
+
 #if FLORA_NARROW_X86
 #define FLORA_AVX2 __attribute__((target("avx2,fma")))
 #define FLORA_AVX512 __attribute__((target("avx512f,avx2,fma")))
@@ -226,6 +297,14 @@ FLORA_AVX2 void tmm_avx2(const float* a, int64_t lda, const float* b, float* c, 
 FLORA_AVX2 void addmm_avx2(const float* a, const float* b, float* c, int64_t ldc, int64_t rows, int64_t k, int64_t m,
                            const float* base, int64_t ldb) {
   addmm_any<V8>(a, b, c, ldc, rows, k, m, base, ldb);
+}
+FLORA_AVX2 void w_filter_avx2(const float* row, float* out, const float* taps, int64_t rw, int64_t kw, int64_t w,
+                              int64_t c) {
+  w_filter<V8>(row, out, taps, rw, kw, w, c);
+}
+FLORA_AVX2 void h_filter_avx2(const float* const* rows, const float* taps, int64_t rh, int64_t kh, float* s, int64_t lds,
+                              int64_t w, int64_t c) {
+  h_filter<V8>(rows, taps, rh, kh, s, lds, w, c);
 }
 FLORA_AVX512 void mm_avx512(const float* a, int64_t lda, const float* b, float* c, int64_t rows, int64_t k, int64_t n) {
   mm_any<V16>(a, lda, b, c, rows, k, n);
@@ -241,7 +320,7 @@ FLORA_AVX512 void addmm_avx512(const float* a, const float* b, float* c, int64_t
 #endif
 
 // One count per kernel entry (relaxed: the tests read them after the threads joined).
-std::atomic<uint64_t> g_mm{0}, g_tmm{0}, g_add{0}, g_pair{0};
+std::atomic<uint64_t> g_mm{0}, g_tmm{0}, g_add{0}, g_pair{0}, g_separable{0};
 
 // Rows of a per chunk in narrow_mm_tmm: 256 rows of up to 512 floats (512 KB) stay in L2 between
 // the two products.
@@ -251,7 +330,8 @@ constexpr int64_t kPairChunk = 256;
 
 NarrowCalls narrow_calls() {
   return {g_mm.load(std::memory_order_relaxed), g_tmm.load(std::memory_order_relaxed),
-          g_add.load(std::memory_order_relaxed), g_pair.load(std::memory_order_relaxed)};
+          g_add.load(std::memory_order_relaxed), g_pair.load(std::memory_order_relaxed),
+          g_separable.load(std::memory_order_relaxed)};
 }
 
 bool avx2_fma_enabled() {
@@ -328,6 +408,56 @@ void narrow_add_mm(const float* base, int64_t ldb, const float* a, const float* 
   if (avx2_fma_enabled()) return addmm_avx2(a, b, c, ldc, rows, k, m, base, ldb);
 #endif
   addmm_any<V8>(a, b, c, ldc, rows, k, m, base, ldb);
+}
+
+void separable_conv(const float* x, const float* uh, const float* uw, const float* gm, float* z, int64_t h, int64_t w,
+                    int64_t ci, int64_t co, int64_t kh, int64_t rh, int64_t kw, int64_t rw, int64_t row0, int64_t row1) {
+  g_separable.fetch_add(1, std::memory_order_relaxed);
+  if (row0 >= row1) return;
+#if FLORA_NARROW_X86
+  const bool avx2 = avx2_fma_enabled();
+#endif
+  auto wf = [&](const float* row, float* out, const float* taps) {
+#if FLORA_NARROW_X86
+    if (avx2) return w_filter_avx2(row, out, taps, rw, kw, w, ci);
+#endif
+    w_filter<V8>(row, out, taps, rw, kw, w, ci);
+  };
+  auto hf = [&](const float* const* rows, const float* taps, float* s, int64_t lds) {
+#if FLORA_NARROW_X86
+    if (avx2) return h_filter_avx2(rows, taps, rh, kh, s, lds, w, ci);
+#endif
+    h_filter<V8>(rows, taps, rh, kh, s, lds, w, ci);
+  };
+  // A ring of kh input rows, each W-filtered rw ways ([rw][w][ci]): slot (row % kh) holds the
+  // row (image n, row hh) keyed as n h + hh, so consecutive output rows W-filter each input row once.
+  const int64_t filtered = rw * w * ci, mix = rh * rw * ci, ph = kh / 2;
+  std::vector<float> ring(static_cast<size_t>(kh * filtered)), s(static_cast<size_t>(w * mix));
+  std::vector<int64_t> held(static_cast<size_t>(kh), -1);
+  std::vector<const float*> rows(static_cast<size_t>(kh));
+  for (int64_t r = row0; r < row1; ++r) {
+    const int64_t n = r / h, y = r % h;
+    for (int64_t dh = 0; dh < kh; ++dh) {
+      const int64_t hh = y + dh - ph;
+      if (hh < 0 || hh >= h) {
+        rows[dh] = nullptr;
+        continue;
+      }
+      float* slot = ring.data() + (hh % kh) * filtered;
+      if (held[hh % kh] != n * h + hh) {
+        for (int64_t b = 0; b < rw; ++b) wf(x + (n * h + hh) * w * ci, slot + b * w * ci, uw + b);
+        held[hh % kh] = n * h + hh;
+      }
+      rows[dh] = slot;
+    }
+    for (int64_t a = 0; a < rh; ++a)
+      for (int64_t b = 0; b < rw; ++b) {
+        const float* shifted[64];  // kh <= 63: the b-th filtered copy of each row
+        for (int64_t dh = 0; dh < kh; ++dh) shifted[dh] = rows[dh] ? rows[dh] + b * w * ci : nullptr;
+        hf(shifted, uh + a, s.data() + (a * rw + b) * ci, mix);
+      }
+    mm_dispatch(s.data(), mix, gm, z + r * w * co, w, mix, co);
+  }
 }
 
 }  // namespace detail

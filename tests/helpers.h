@@ -69,4 +69,14 @@ inline double finite_difference_error(const std::function<torch::Tensor()>& loss
   return worst;
 }
 
+// LibTorch's intra-op thread count set for a scope (tests run on 1 thread unless they need the
+// kernels' splits across threads), the old count put back after.
+struct ScopedThreads {
+  const int before = at::get_num_threads();
+  explicit ScopedThreads(int n) { at::set_num_threads(n); }
+  ~ScopedThreads() { at::set_num_threads(before); }
+  ScopedThreads(const ScopedThreads&) = delete;
+  ScopedThreads& operator=(const ScopedThreads&) = delete;
+};
+
 }  // namespace flora_test

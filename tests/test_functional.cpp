@@ -671,25 +671,22 @@ TEST(NarrowGemm, TheHybridNodeReadsNchwMapsAsPlanes) {
   // steps absent) and ResNet-18's layer1 conv; on three threads, whatever the machine's count.
   // A rank of 40 (not a narrow width) keeps the node off the planes: oneDNN's 1x1 steps then.
   // Conv1d (NCL) and Conv3d (NCDHW) maps are planes too.
-  struct Threads {
-    const int before = at::get_num_threads();
-    explicit Threads(int n) { at::set_num_threads(n); }
-    ~Threads() { at::set_num_threads(before); }
-  } three(3);
+  const flora_test::ScopedThreads three(3);
   struct Row {
     std::string name;
     std::vector<int64_t> x_shape, w_shape, ranks;
     bool identity_out;
     F::ConvGeometry geo;
     bool planes = true;
+    bool separable = false;  ///< the core conv as separable filters (stride-1 "same" 2-d, factored kernel modes)
   };
   using PM = F::PaddingMode;
   const F::ConvGeometry same{{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros};
   const std::vector<Row> rows{
-      {"one_image_ranges_and_chunks", {1, 256, 40, 40}, {32, 256, 3, 3}, {16, 24, 2, 2}, false, same},
+      {"one_image_ranges_and_chunks", {1, 256, 40, 40}, {32, 256, 3, 3}, {16, 24, 2, 2}, false, same, true, true},
       {"three_images_stride2", {3, 24, 9, 11}, {40, 24, 3, 3}, {8, 16, 3, 2}, false, {{2, 2}, {1, 1}, {1, 1}, 1, PM::Zeros}},
       {"identity_output", {2, 16, 12, 12}, {16, 16, 3, 3}, {16, 8, 2, 2}, true, same},
-      {"resnet18_layer1", {2, 64, 56, 56}, {64, 64, 3, 3}, {16, 16, 2, 2}, false, same},
+      {"resnet18_layer1", {2, 64, 56, 56}, {64, 64, 3, 3}, {16, 16, 2, 2}, false, same, true, true},
       {"output_rank_40_not_planes", {2, 16, 12, 12}, {48, 16, 3, 3}, {40, 16, 2, 2}, false, same, false},
       {"conv1d_ncl_stride2", {3, 24, 50}, {32, 24, 3}, {16, 8, 2}, false, {{2}, {1}, {1}, 1, PM::Zeros}},
       {"conv3d_ncdhw", {2, 16, 4, 6, 5}, {24, 16, 3, 3, 3}, {8, 16, 2, 2, 2}, false,
@@ -722,7 +719,58 @@ TEST(NarrowGemm, TheHybridNodeReadsNchwMapsAsPlanes) {
     EXPECT_EQ(after.tmm > before.tmm, kernels && c.planes) << c.name << ": x U_in (and gy U_out) as planes";
     EXPECT_EQ(after.mm > before.mm, kernels && c.planes) << c.name << ": the factors' gradients as planes";
     EXPECT_EQ(after.pair, before.pair) << c.name << ": planes make their one pass without narrow_mm_tmm";
+    EXPECT_EQ(after.separable > before.separable, kernels && c.separable) << c.name << ": the core conv as separable filters";
   }
+}
+
+TEST(NarrowGemm, TheHybridCoreConvRunsAsSeparableFilters) {
+  // A stride-1 "same" 2-d conv with both kernel modes factored: the hybrid node's core conv (for
+  // U_out's gradient) and its input gradient run as separable filters and a channel mix
+  // (detail::separable_conv) where that takes at most 3/4 of the multiply-adds; equal to the
+  // float64 composition in output and every gradient, channels-last and NCHW, on three threads.
+  // Rows where it must not run: spatial ranks as large as the kernel (no saving), a reflect-
+  // padded conv (x arrives padded, so the core conv is not "same"), dilation 2.
+  const flora_test::ScopedThreads three(3);
+  using PM = F::PaddingMode;
+  struct Row {
+    std::string name;
+    std::vector<int64_t> x_shape, w_shape, ranks;
+    F::ConvGeometry geo;
+    bool separable;
+  };
+  const std::vector<Row> rows{
+      {"3x3_ranks_16_8", {2, 16, 12, 12}, {24, 16, 3, 3}, {16, 8, 2, 2}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros}, true},
+      {"5x3_ranks_32_24_odd_map", {3, 32, 7, 5}, {40, 32, 5, 3}, {24, 32, 3, 1}, {{1, 1}, {2, 1}, {1, 1}, 1, PM::Zeros}, true},
+      {"1x1_map", {2, 16, 1, 1}, {16, 16, 3, 3}, {8, 16, 2, 2}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros}, true},
+      {"spatial_ranks_3x3", {2, 16, 9, 9}, {16, 16, 3, 3}, {16, 16, 3, 3}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Zeros}, false},
+      {"reflect_padding", {2, 16, 9, 9}, {16, 16, 3, 3}, {16, 16, 2, 2}, {{1, 1}, {1, 1}, {1, 1}, 1, PM::Reflect}, false},
+      {"dilation_2", {2, 16, 9, 9}, {16, 16, 3, 3}, {16, 16, 2, 2}, {{1, 1}, {2, 2}, {2, 2}, 1, PM::Zeros}, false},
+  };
+  for (const auto& c : rows)
+    for (bool channels_last : {true, false}) {
+      const std::string name = c.name + (channels_last ? " channels-last" : " NCHW");
+      auto x = torch::randn(c.x_shape);
+      if (channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+      x.requires_grad_(true);
+      const auto w = torch::randn(c.w_shape) * 0.05;
+      auto core = torch::randn(c.ranks).requires_grad_(true);
+      std::vector<Tensor> factors(4), wrt{x, core};
+      for (size_t n = 0; n < 4; ++n) wrt.push_back(factors[n] = (torch::randn({c.w_shape[n], c.ranks[n]}) * 0.3).requires_grad_(true));
+      std::vector<Tensor> wrt64;
+      for (const auto& t : wrt) wrt64.push_back(t.detach().to(torch::kFloat64).requires_grad_(true));
+      const std::vector<Tensor> f64(wrt64.begin() + 2, wrt64.end());
+      const Tensor ref = F::conv_nd(wrt64[0], w.to(torch::kFloat64), {}, c.geo) + F::conv_branch(wrt64[0], wrt64[1], f64, 0.7, c.geo);
+      const Tensor probe = torch::randn_like(ref);
+      const auto want = torch::autograd::grad({ref}, wrt64, {probe});
+      const auto before = flora::detail::narrow_calls();
+      const Tensor y = F::hybrid_conv(x, w, {}, core, factors, 0.7, c.geo);
+      const auto got = torch::autograd::grad({y}, wrt, {probe.to(torch::kFloat32)});
+      const auto after = flora::detail::narrow_calls();
+      EXPECT_LT(relative_diff(y, ref), 1e-5) << name;
+      for (size_t i = 0; i < got.size(); ++i) EXPECT_LT(relative_diff(got[i], want[i]), 1e-5) << name << " gradient " << i;
+      // Two core convs (U_out's gradient, U_in's), each entering the kernel once per thread's rows.
+      EXPECT_EQ(after.separable > before.separable, flora::detail::avx2_fma_enabled() && c.separable) << name;
+    }
 }
 
 // flora/detail/narrow_gemm.h's kernels on raw memory against float64 products: every width,

@@ -5,7 +5,8 @@
 // GFLOP/s on 2 cores; these register-blocked loops reach about 100 GFLOP/s per core (AVX2 + FMA),
 // 1.2 to 1.5x that with their AVX-512 copy. The hybrid node's merged weight W0 + U_out T is the
 // wide product with a separate base (narrow_add_mm), and its x U_in and x^T gxp one pass over x
-// (narrow_mm_tmm).
+// (narrow_mm_tmm). Its core conv, where the kernel's spatial modes are factored, is separable
+// filters and a channel mix (separable_conv).
 // No LibTorch here: callers split the rows over threads and check shapes; these only compute.
 #pragma once
 
@@ -29,6 +30,7 @@ bool avx512_enabled();
 /// to prove a path ran on the kernels rather than on LibTorch's GEMM or convolutions.
 struct NarrowCalls {
   uint64_t mm = 0, tmm = 0, add = 0, pair = 0;  ///< pair: narrow_mm_tmm
+  uint64_t separable = 0;                       ///< separable_conv
 };
 NarrowCalls narrow_calls();
 
@@ -51,6 +53,20 @@ void narrow_tmm(const float* a, int64_t lda, const float* b, float* c, int64_t r
 /// contiguous; scratch holds k n floats; n a narrow width.
 void narrow_mm_tmm(const float* a, int64_t lda, const float* u, const float* g, float* c, float* acc, float* scratch,
                    int64_t rows, int64_t k, int64_t n);
+
+/// Output rows [row0, row1) (row = image n, row y: n h + y) of z = conv(x, K) for a 2-d "same"
+/// conv (stride 1, dilation 1, zero padding kh / 2 and kw / 2, odd kh and kw < 64) whose kernel is
+/// a sum of rh rw separable filters: K[o, i] = sum_{a, b} G[o, i, a, b] uh[:, a] uw[:, b]^T (the
+/// hybrid node's core, spatial modes factored). x [N h w, ci] and z [N h w, co] are channels-last
+/// rows; uh [kh, rh] and uw [kw, rw] row-major; gm [rh rw ci, co] with row (a rw + b) ci + i equal
+/// to G[:, i, a, b]. Per output row: rw W-filters of each input row it needs (a ring of kh
+/// filtered rows), rh H-filters of those, then one [w, rh rw ci] x [rh rw ci, co] product on
+/// narrow_mm's kernel: (rw kw + rh rw kh + rh rw co) ci multiply-adds per pixel against kh kw ci
+/// co (1,312 against 2,304 at ci = co = 16, 3x3, ranks 2 x 2). ci a multiple of 8, co a narrow
+/// width. The transposed conv (the core's input gradient) is this with G's channel modes swapped
+/// and uh, uw flipped along the kernel.
+void separable_conv(const float* x, const float* uh, const float* uw, const float* gm, float* z, int64_t h, int64_t w,
+                    int64_t ci, int64_t co, int64_t kh, int64_t rh, int64_t kw, int64_t rw, int64_t row0, int64_t row1);
 
 /// c[p, :m] = a[p, :k] b[:k, :m] for p < rows, added to c's values where accumulate: a
 /// contiguous [rows, k] (k small: the narrow side), b contiguous [k, m], c with row stride ldc
