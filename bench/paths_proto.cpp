@@ -13,9 +13,8 @@
 //   /tmp/paths_proto after   # session 21: a 16-channel step after the frozen convs against alone
 //   /tmp/paths_proto planes  # session 22: NCHW 1x1 products as planes against oneDNN, hot
 //   /tmp/paths_proto nd      # session 22: hybrid / frozen step for Conv1d (NCL) and Conv3d (NCDHW)
-//   /tmp/paths_proto sepcore # session 23: the hybrid core conv's forward as separable filters
-//                            # + a channel mix, against oneDNN (build with -O3 -mavx2 -mfma:
-//                            # its loops are plain C++, vectorized by the compiler)
+//   /tmp/paths_proto sepcore # session 23: the hybrid core conv as separable filters + a
+//                            # channel mix (detail::separable_conv), against oneDNN
 #include <torch/torch.h>
 
 #include <ATen/Parallel.h>
@@ -306,11 +305,11 @@ void nd() {
 }  // namespace
 
 // Session 23: the core conv of the hybrid node (r -> r channels, 3x3, stride 1, padding 1) has
-// a kernel of spatial ranks (2, 2): K[o, i] = sum_ab G[o, i, a, b] U_h[:, a] U_w[:, b]^T. So
-// z = conv(xp, K) is, per output row, two 1x3 filters of xp's rows (W-filtered rows kept in a
-// ring of three), two 3x1 filters of those (64 channels s_ab), and one [W, 64] x [64, r] mix
-// on the narrow kernel: 1,312 multiply-adds per pixel against 2,304. Checked against oneDNN's
-// conv on each shape; times are medians of 21 calls, hot (docs/PERFORMANCE.md, "Session 23").
+// a kernel of spatial ranks (2, 2): K[o, i] = sum_ab G[o, i, a, b] U_h[:, a] U_w[:, b]^T, so
+// z = conv(xp, K) runs as separable filters and a channel mix (detail::separable_conv, which the
+// hybrid node calls; first prototyped here as plain loops): 1,312 multiply-adds per pixel
+// against 2,304. Checked against oneDNN's conv on each shape; times are medians of 21 calls,
+// hot (docs/PERFORMANCE.md, "Session 23").
 namespace sepcore_proto {
 constexpr int R = 16;
 template <class Fn>
@@ -324,51 +323,6 @@ double med(Fn f) {  // median of 21 calls after 3, milliseconds
   }
   return median(v) * 1e3;
 }
-// One row of xp [W, R] filtered along W by (u0, u1, u2), zero-padded: tb [W, R].
-inline void wfilter(const float* row, float* tb, const float u0, const float u1, const float u2, int64_t W) {
-  for (int i = 0; i < R; ++i) tb[i] = u1 * row[i] + u2 * row[R + i];
-  for (int64_t w = 1; w + 1 < W; ++w) {
-    const float* c = row + w * R; float* o = tb + w * R;
-    for (int i = 0; i < R; ++i) o[i] = u0 * c[i - R] + u1 * c[i] + u2 * c[i + R];
-  }
-  const float* c = row + (W - 1) * R; float* o = tb + (W - 1) * R;
-  for (int i = 0; i < R; ++i) o[i] = u0 * c[i - R] + u1 * c[i];
-}
-// z = conv(xp, K) for xp, z [N, H, W, R] (channels-last rows), U_h and U_w [3, 2] row-major, gm
-// [64, R] with row (a 2 + b) R + i = G[:, i, a, b]. Threads split the output rows; each keeps the
-// W-filtered rows it needs in a ring of three, so every input row is W-filtered about once.
-void sep_forward(const float* xp, const float* uh, const float* uw, const float* gm, float* z, int64_t N, int64_t H, int64_t W) {
-  at::parallel_for(0, N * H, 1, [&](int64_t b0, int64_t b1) {
-    // ring of W-filtered rows: slot (hh % 3) holds row hh's [2][W][R]
-    std::vector<float> ring((size_t)3 * 2 * W * R), zero((size_t)2 * W * R, 0.f), s((size_t)W * 64);
-    int64_t have[3] = {-9, -9, -9};  // global row id (n*H+hh) in each slot
-    for (int64_t nh = b0; nh < b1; ++nh) {
-      const int64_t n = nh / H, h = nh % H;
-      const float* tr[3];
-      for (int dh = 0; dh < 3; ++dh) {
-        const int64_t hh = h + dh - 1;
-        if (hh < 0 || hh >= H) { tr[dh] = zero.data(); continue; }
-        const int64_t id = n * H + hh; const int slot = (int)(hh % 3);
-        float* td = ring.data() + (size_t)slot * 2 * W * R;
-        if (have[slot] != id) {
-          const float* row = xp + (id * W) * R;
-          for (int b = 0; b < 2; ++b) wfilter(row, td + (size_t)b * W * R, uw[b], uw[2 + b], uw[4 + b], W);
-          have[slot] = id;
-        }
-        tr[dh] = td;
-      }
-      for (int a = 0; a < 2; ++a)
-        for (int b = 0; b < 2; ++b) {
-          const float v0 = uh[a], v1 = uh[2 + a], v2 = uh[4 + a];
-          const float* t0 = tr[0] + (size_t)b * W * R; const float* t1 = tr[1] + (size_t)b * W * R; const float* t2 = tr[2] + (size_t)b * W * R;
-          float* sd = s.data() + (a * 2 + b) * R;
-          for (int64_t w = 0; w < W; ++w)
-            for (int i = 0; i < R; ++i) sd[w * 64 + i] = v0 * t0[w * R + i] + v1 * t1[w * R + i] + v2 * t2[w * R + i];
-        }
-      flora::detail::narrow_mm(s.data(), 64, gm, z + ((n * H + h) * W) * R, W, 64, R);
-    }
-  });
-}
 }  // namespace sepcore_proto
 
 void sepcore() {
@@ -381,7 +335,12 @@ void sepcore() {
     Tensor gm = G.permute({2, 3, 1, 0}).reshape({64, R}).contiguous();  // [(a, b, i), o]
     Tensor ref = at::convolution(xp, K, {}, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1);
     Tensor z = torch::empty_like(ref);
-    auto run = [&] { sep_forward(xp.data_ptr<float>(), uh.data_ptr<float>(), uw.data_ptr<float>(), gm.data_ptr<float>(), z.data_ptr<float>(), N, H, W); };
+    auto run = [&] {
+      at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+        flora::detail::separable_conv(xp.data_ptr<float>(), uh.data_ptr<float>(), uw.data_ptr<float>(), gm.data_ptr<float>(),
+                                      z.data_ptr<float>(), H, W, R, R, 3, 2, 3, 2, r0, r1);
+      });
+    };
     run();
     const double err = ((z - ref).abs().max() / ref.abs().max()).item<double>();
     const double onednn = med([&] { at::convolution(xp, K, {}, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1); });

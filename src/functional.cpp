@@ -1740,6 +1740,11 @@ namespace {
 // create_graph, backward runs the same products as differentiable ATen ops (A rebuilt from G
 // and U_in, h from x and A), so double backward is the composition's.
 struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
+  // A = s G U_in^T (s G without U_in), as linear_branch builds it; u_in is the empty placeholder there.
+  static Tensor input_side(const Tensor& core, const Tensor& u_in, const Tensor& u_out, bool has_u_in, double scale) {
+    return linear_input_side(core, {u_out, has_u_in ? u_in : Tensor()}, scale);
+  }
+
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w0, const Tensor& b,
                         const Tensor& core, const Tensor& u_in, const Tensor& u_out, double scale,
                         const RecomputableInput* in) {
@@ -1755,7 +1760,7 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
       at::addmm_out(y_rows, b, rows, w0.t());
     else
       at::mm_out(y_rows, rows, w0.t());
-    const Tensor a = has_u_in ? at::mm(core, u_in.t()).mul_(scale) : core * scale;
+    const Tensor a = input_side(core, u_in, u_out, has_u_in, scale);
     const Tensor h = narrow_mm(rows, a.t());
     add_product_(y_rows, h, u_out.t());
     std::vector<Tensor> keep{w0, a, u_out, h, core, u_in};
@@ -1789,7 +1794,7 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
                                  : saved[6];
       return x.reshape({-1, x.size(-1)}).contiguous();
     };
-    const Tensor a = !graph ? saved[1] : has_u_in ? (core * scale).mm(u_in.t()) : core * scale;
+    const Tensor a = graph ? input_side(core, u_in, u_out, has_u_in, scale) : saved[1];
     const Tensor gy = grads[0].reshape({-1, w0.size(0)}).contiguous();
     const Tensor h = graph ? rows().mm(a.t()) : saved[3];
     const Tensor gh = graph ? gy.mm(u_out) : narrow_mm(gy, u_out);
